@@ -1,0 +1,179 @@
+"""Probability models: the VAE / VAE-F family (DESIGN section 2) and the GAN generator.
+
+    p(x | z) = N(f(x); mu(z), diag sigma(z)^2) |det df/dx|,   p(z) = N(0, I),   q(z | x) = N(m(x), diag s(x)^2)
+
+with f a Real-NVP flow (VAE-F, CQ-F) or the identity (VAE, CQ). Models expose `elbo`, `log_prob` and
+`sample`; they hold no optimizers and no loss weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import flows, losses, nets
+from .config import ModelConfig
+
+__all__ = ["ElboTerms", "FlowGaussian", "VAE", "Generator", "build_model"]
+
+
+@dataclass
+class ElboTerms:
+    """Per-sample terms of the ELBO, each (B,) in nats, in model space."""
+
+    log_px_z: Tensor  # ln N(f(x); mu, sigma^2) + ln|det df/dx|, one z per image
+    kl: Tensor  # KL(q(z|x) || p(z))
+    sigma_at_floor: Tensor  # scalar: fraction of decoder sigmas within 1% of their floor (diagnostic)
+
+    @property
+    def elbo(self) -> Tensor:
+        return self.log_px_z - self.kl
+
+
+class FlowGaussian(nn.Module):
+    """The observation model N(f(x); mu, sigma^2) |det df/dx|; sigma = floor + softplus(raw) (DESIGN section 6)."""
+
+    def __init__(self, flow: nn.Module, sigma_floor: float):
+        super().__init__()
+        self.flow = flow
+        self.sigma_floor = sigma_floor
+
+    def log_scale(self, raw_scale: Tensor) -> Tensor:
+        return torch.log(self.sigma_floor + F.softplus(raw_scale))
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(f(x), ln|det df/dx|). Independent of z: computed once per image."""
+        return self.flow(x)
+
+    def log_prob(self, features: tuple[Tensor, Tensor], mean: Tensor, raw_scale: Tensor) -> Tensor:
+        y, logdet = features
+        return losses.diag_gaussian_log_prob(y, mean, self.log_scale(raw_scale)).flatten(1).sum(1) + logdet
+
+    def sample(self, mean: Tensor, raw_scale: Tensor, noise: bool = True) -> Tensor:
+        """x = f^-1(mu + sigma * eps): the decoder noise lives in feature space (DESIGN section 2)."""
+        y = mean + self.log_scale(raw_scale).exp() * torch.randn_like(mean) if noise else mean
+        return self.flow.inverse(y)
+
+
+class VAE(nn.Module):
+    """VAE with a (flow-)Gaussian decoder. VAE, VAE-F, CQ and CQ-F are this class; they differ in `flow`
+    (identity or Real NVP) and in the training loss weights, never in code.
+
+    Args:
+        encoder: x -> (mean, log_scale) of q(z|x).
+        decoder: z -> (mean, raw_scale) in feature space.
+        likelihood: `FlowGaussian`.
+        latent_dim: size of z.
+        levels: grey levels of the data (for bits/dim).
+    """
+
+    has_density = True
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: FlowGaussian,
+        latent_dim: int,
+        image_shape: tuple[int, int, int],
+        levels: int,
+    ):
+        super().__init__()
+        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
+        self.latent_dim, self.image_shape, self.levels = latent_dim, tuple(image_shape), levels
+
+    @property
+    def flow(self) -> nn.Module:
+        return self.likelihood.flow
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def elbo(self, x: Tensor) -> ElboTerms:
+        """One-sample ELBO terms of model-space images x (B, C, H, W)."""
+        q_mean, q_log_scale = self.encoder(x)
+        z = q_mean + q_log_scale.exp() * torch.randn_like(q_mean)
+        mean, raw_scale = self.decoder(z)
+        log_px_z = self.likelihood.log_prob(self.likelihood.features(x), mean, raw_scale)
+        with torch.no_grad():
+            sigma = self.likelihood.log_scale(raw_scale).exp()
+            at_floor = (sigma < 1.01 * self.likelihood.sigma_floor).float().mean()
+        return ElboTerms(log_px_z, losses.kl_to_standard_normal(q_mean, q_log_scale), at_floor)
+
+    @torch.no_grad()
+    def log_prob(self, x: Tensor, num_importance: int = 100, chunk: int = 25) -> Tensor:
+        """Importance-weighted bound on ln p(x) with K = num_importance samples (Burda et al. 2016), (B,) nats.
+
+        It is a lower bound that tightens as K grows, and at K = 1 has the ELBO's expectation.
+        """
+        q_mean, q_log_scale = self.encoder(x)
+        features = self.likelihood.features(x)  # the flow runs once, not once per z
+        batch = x.shape[0]
+        log_w = []
+        for start in range(0, num_importance, chunk):
+            k = min(chunk, num_importance - start)
+            eps = torch.randn(k, *q_mean.shape, dtype=q_mean.dtype, device=q_mean.device)
+            z = (q_mean + q_log_scale.exp() * eps).flatten(0, 1)  # (k B, latent)
+            repeated = tuple(t.repeat(k, *([1] * (t.dim() - 1))) for t in features)
+            log_px_z = self.likelihood.log_prob(repeated, *self.decoder(z)).view(k, batch)
+            log_pz = losses.standard_normal_log_prob(z).view(k, batch)
+            # ln q(z|x) = ln N(eps; 0, I) - sum(ln s(x)) for z = m + s * eps
+            log_qz = losses.standard_normal_log_prob(eps.flatten(0, 1)).view(k, batch) - q_log_scale.sum(1)
+            log_w.append(log_px_z + log_pz - log_qz)
+        return torch.logsumexp(torch.cat(log_w), 0) - math.log(num_importance)
+
+    def sample(self, num_samples: int, noise: bool = True, z: Tensor | None = None) -> Tensor:
+        """Model-space images: z ~ p(z) (or the given z), x = f^-1(mu(z) + sigma(z) eps)."""
+        if z is None:
+            z = torch.randn(num_samples, self.latent_dim, device=self._device())
+        return self.likelihood.sample(*self.decoder(z), noise=noise)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """f^-1(mu(E[z|x])): the decoder mean at the posterior mean, for reconstruction grids."""
+        return self.likelihood.sample(*self.decoder(self.encoder(x)[0]), noise=False)
+
+    def bits_per_dim(self, log_p: Tensor) -> Tensor:
+        """(B,) nats of model-space images -> bits/dim of the integer images (`losses.bits_per_dim`)."""
+        return losses.bits_per_dim(log_p, math.prod(self.image_shape), self.levels)
+
+
+class Generator(nn.Module):
+    """GAN baseline: x = mu(z), the decoder's mean path, deterministic; no density (DESIGN section 2)."""
+
+    has_density = False
+
+    def __init__(self, decoder: nn.Module, latent_dim: int, image_shape: tuple[int, int, int], levels: int):
+        super().__init__()
+        self.decoder, self.latent_dim, self.image_shape, self.levels = decoder, latent_dim, tuple(image_shape), levels
+
+    def sample(self, num_samples: int, noise: bool = True, z: Tensor | None = None) -> Tensor:
+        if z is None:
+            z = torch.randn(num_samples, self.latent_dim, device=next(self.parameters()).device)
+        return self.decoder(z)[0]
+
+
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], levels: int, gan: bool = False) -> nn.Module:
+    """The only place that knows which parts make which variant."""
+    decoder = nets.ConvDecoder(image_shape, cfg.latent_dim, cfg.channels)
+    if gan:
+        return Generator(decoder, cfg.latent_dim, image_shape, levels)
+    if cfg.flow_couplings > 0:
+        flow = flows.real_nvp(
+            *image_shape,
+            num_couplings=cfg.flow_couplings,
+            hidden=cfg.flow_hidden,
+            scales=cfg.flow_scales,
+            max_log_scale=cfg.flow_max_log_scale,
+            actnorm=cfg.flow_actnorm,
+        )
+    else:
+        flow = flows.Identity()
+    # In model space one grey level is 2 / levels wide; sigma >= sigma_floor / levels.
+    likelihood = FlowGaussian(flow, cfg.sigma_floor / levels)
+    encoder = nets.ConvEncoder(image_shape, cfg.latent_dim, cfg.channels)
+    return VAE(encoder, decoder, likelihood, cfg.latent_dim, image_shape, levels)

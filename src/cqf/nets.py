@@ -1,0 +1,134 @@
+"""Plain networks, no probability: encoder, decoder, coupling conditioners, discriminator.
+
+Sizes follow the image: the encoder halves the resolution while it stays even and above 4 pixels
+(32 -> 16 -> 8 -> 4, 28 -> 14 -> 7, 8 -> 4) and the decoder mirrors it (DCGAN-like).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["num_downsamplings", "ConvEncoder", "ConvDecoder", "coupling_net", "Discriminator", "default_disc_size"]
+
+
+def num_downsamplings(height: int, width: int) -> int:
+    """How many stride-2 stages take (height, width) down to <= 4 pixels, while both stay even."""
+    count = 0
+    while height > 4 and height % 2 == 0 and width % 2 == 0:
+        height, width, count = height // 2, width // 2, count + 1
+    return count
+
+
+class ConvEncoder(nn.Module):
+    """x (B, C, H, W) -> (mean, log_scale) of q(z | x), each (B, latent_dim)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, channels: int):
+        super().__init__()
+        c, h, w = image_shape
+        layers, width = [nn.Conv2d(c, channels, 3, padding=1), nn.SiLU()], channels
+        for _ in range(num_downsamplings(h, w)):
+            layers += [nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.SiLU()]
+            width, h, w = 2 * width, h // 2, w // 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width * h * w, 2 * latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_scale = self.head(self.features(x).flatten(1)).chunk(2, dim=1)
+        return mean, log_scale
+
+
+class ConvDecoder(nn.Module):
+    """z (B, latent_dim) -> (mean, raw_scale) of image shape; the likelihood maps raw_scale to sigma."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, channels: int):
+        super().__init__()
+        c, h, w = image_shape
+        stages = num_downsamplings(h, w)
+        self.start_shape = (channels * 2**stages, h // 2**stages, w // 2**stages)
+        self.head = nn.Linear(latent_dim, self.start_shape[0] * self.start_shape[1] * self.start_shape[2])
+        layers, width = [nn.SiLU()], self.start_shape[0]
+        for _ in range(stages):
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), nn.SiLU()]
+            width //= 2
+        layers.append(nn.Conv2d(width, 2 * c, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.body(self.head(z).view(-1, *self.start_shape))  # (B, 2C, H, W)
+        mean, raw_scale = out.chunk(2, dim=1)
+        return mean, raw_scale
+
+
+def coupling_net(in_channels: int, out_channels: int, hidden: int) -> nn.Module:
+    """Conditioner of an affine coupling. The last layer is zero-initialised so the coupling starts as identity."""
+    last = nn.Conv2d(hidden, out_channels, 3, padding=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, hidden, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(hidden, hidden, 1),
+        nn.SiLU(),
+        last,
+    )
+
+
+class _DiscBlock(nn.Module):
+    """SNGAN residual block (Miyato et al. 2018) with spectral-normalised convs, optional 2x downsampling."""
+
+    def __init__(self, in_channels: int, out_channels: int, downsample: bool, first: bool):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.conv1 = sn(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.conv2 = sn(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip = sn(nn.Conv2d(in_channels, out_channels, 1)) if in_channels != out_channels or downsample else None
+        self.downsample, self.first = downsample, first
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x if self.first else F.relu(x)  # the first block sees raw pixels (SNGAN's "optimized block")
+        h = self.conv2(F.relu(self.conv1(h)))
+        if self.downsample:
+            h = F.avg_pool2d(h, 2)
+        skip = x
+        if self.skip is not None:
+            skip = self.skip(skip)
+        if self.downsample:
+            skip = F.avg_pool2d(skip, 2)
+        return h + skip
+
+
+class Discriminator(nn.Module):
+    """SNGAN-style ResNet discriminator: x (B, C, H, W) -> logits (B,).
+
+    CIFAR-10 at 32x32 (SNGAN): 4 blocks of 128 channels, the first two downsampling, ReLU, global sum
+    pooling and one spectral-normalised linear logit.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: int, num_blocks: int):
+        super().__init__()
+        c, h, w = image_shape
+        blocks, width = [], c
+        for i in range(num_blocks):
+            downsample = h % 2 == 0 and w % 2 == 0 and h > 4 and i < 2
+            blocks.append(_DiscBlock(width, channels, downsample, first=i == 0))
+            width = channels
+            if downsample:
+                h, w = h // 2, w // 2
+        self.blocks = nn.Sequential(*blocks)
+        self.logit = nn.utils.parametrizations.spectral_norm(nn.Linear(channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pooling
+        return self.logit(h).squeeze(1)
+
+
+def default_disc_size(image_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(channels, blocks) of the discriminator by resolution: SNGAN's 128 x 4 at 32x32, smaller below."""
+    height = image_shape[1]
+    if height >= 32:
+        return 128, 4
+    if height >= 16:
+        return 64, 3
+    return 32, 2
+
