@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import torch
@@ -52,12 +51,11 @@ def load_payload(path: Path) -> dict:
         return _load_safetensors(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # zip, pickle, EOF and weights_only errors all mean: not readable as ours
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(err).__name__}); use an earlier ckpt-*.pt from its run"
+            f"checkpoint {path} is corrupt, truncated or not a PyTorch file ({type(err).__name__}); "
+            "use an earlier ckpt-*.pt from its run"
         ) from None
-    except Exception as err:  # e.g. pickle.UnpicklingError for files with arbitrary objects
-        raise CheckpointError(f"{path} is not a cqf checkpoint ({type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cqf checkpoint (no '{FORMAT}' marker); was it written by cqf?")
     return payload

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from cqf.config import Config, DataConfig, ModelConfig, TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def float64_and_seed():
+    """Exactness tests need float64; every test starts from the same RNG state."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+    torch.set_default_dtype(previous)
+
+
+def tiny_config(**train) -> Config:
+    """A model small enough to train a few steps in well under a second (digits, 8x8)."""
+    settings = dict(steps=4, batch_size=16, log_every=1, eval_every=2, sample_every=2, ckpt_every=2,
+                    eval_iw_samples=4, device="cpu")
+    settings |= train
+    return Config(
+        data=DataConfig(name="digits", val_size=40),
+        model=ModelConfig(latent_dim=4, channels=8, flow_couplings=1, flow_hidden=8, disc_channels=8, disc_blocks=2),
+        train=TrainConfig(**settings),
+    )
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from cqf.data import load_dataset
+
+    return load_dataset("digits", val_size=40)

@@ -1,0 +1,69 @@
+"""The command line: one-line errors with non-zero exit, and train -> sample -> eval end to end."""
+
+import json
+
+import pytest
+import torch
+
+from cqf.cli import main
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cqf: error:") and "\n" not in err, err
+    return err
+
+
+def test_unknown_key_names_the_valid_keys(capsys):
+    err = _error(capsys, ["train", "--set", "train.stepz=3"])
+    assert "train.stepz" in err and "steps" in err
+
+
+def test_wrong_type_and_bad_override(capsys):
+    assert "expected int" in _error(capsys, ["train", "--set", "train.steps=many"])
+    assert "KEY=VALUE" in _error(capsys, ["train", "--set", "train.steps"])
+
+
+def test_unknown_config_lists_bundled_ones(capsys):
+    err = _error(capsys, ["train", "no-such-config"])
+    assert "digits-vae-f" in err
+
+
+def test_impossible_combination(capsys):
+    assert "nothing to train" in _error(capsys, ["train", "--set", "train.coverage_weight=0"])
+
+
+def test_list_and_dry_run(capsys):
+    main(["train", "--list"])
+    assert "mnist-vae-f" in capsys.readouterr().out
+    main(["train", "mnist-vae", "--set", "train.lr=3e-4", "--dry-run"])
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["train"]["lr"] == 3e-4 and resolved["data"]["name"] == "mnist"
+
+
+def test_bad_checkpoints(capsys, tmp_path):
+    assert "not found" in _error(capsys, ["eval", str(tmp_path / "none.pt")])
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert "corrupt" in _error(capsys, ["sample", str(tmp_path / "junk.pt")])
+
+
+def test_train_sample_eval_end_to_end(capsys, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "data: {name: digits, val_size: 40}\n"
+        "model: {latent_dim: 4, channels: 8, flow_couplings: 1, flow_hidden: 8}\n"
+        "train: {steps: 3, batch_size: 16, eval_every: 0, sample_every: 0, ckpt_every: 0, eval_iw_samples: 2}\n"
+    )
+    run = tmp_path / "run"
+    main(["train", str(config), "--out", str(run), "--quiet"])
+    main(["sample", str(run / "ckpt-0000003.pt"), "-n", "9", "--out", str(tmp_path / "grid.png")])
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    main(["eval", str(run / "model.safetensors"), "-k", "3", "--max-images", "20", "--json", str(tmp_path / "e.json")])
+    out = capsys.readouterr().out
+    assert "IWAE-3" in out and "| bits/dim, ELBO" in out
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["num_images"] == 20 and result["variant"] == "VAE-F" and len(result["checkpoint_sha256"]) == 64
+    assert torch.isfinite(torch.tensor(result["bpd_iwae"]))

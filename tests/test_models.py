@@ -1,0 +1,122 @@
+"""Models: shapes, gradients, IWAE vs ELBO, train/eval parity, overfitting, save/load."""
+
+import pytest
+import torch
+
+from cqf import checkpoint, losses
+from cqf.config import ModelConfig
+from cqf.models import VAE, build_model
+
+SHAPE = (1, 8, 8)
+
+
+def make(flow: bool, levels: int = 17) -> VAE:
+    cfg = ModelConfig(latent_dim=4, channels=8, flow_couplings=2 if flow else 0, flow_hidden=8)
+    model = build_model(cfg, SHAPE, levels)
+    model.elbo(torch.rand(16, *SHAPE) * 2 - 1)  # data-dependent ActNorm init, as in training
+    return model
+
+
+@pytest.fixture(params=[False, True], ids=["vae", "vae_f"])
+def model(request):
+    return make(request.param)
+
+
+def test_elbo_terms_are_per_sample(model):
+    terms = model.elbo(torch.rand(5, *SHAPE) * 2 - 1)
+    assert terms.log_px_z.shape == terms.kl.shape == terms.elbo.shape == (5,)
+    assert (terms.kl >= 0).all()
+
+
+def test_sample_shape(model):
+    assert model.sample(7).shape == (7, *SHAPE)
+
+
+def test_flow_switch():
+    assert make(flow=False).flow.__class__.__name__ == "Identity"
+    assert len(list(make(flow=True).flow.parameters())) > 0
+
+
+def test_every_parameter_gets_a_gradient_from_the_elbo(model):
+    with torch.no_grad():  # move the zero-initialised last coupling layers off zero
+        for p in model.flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    (-model.elbo(torch.rand(4, *SHAPE) * 2 - 1).elbo.mean()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_iwae_bound_is_at_or_below_the_elbo_in_bits_per_dim(model):
+    x = torch.rand(32, *SHAPE) * 2 - 1
+    elbo_bpd = torch.stack([model.bits_per_dim(model.elbo(x).elbo) for _ in range(20)]).mean()
+    iwae_bpd = model.bits_per_dim(model.log_prob(x, num_importance=50)).mean()
+    assert iwae_bpd <= elbo_bpd
+    # K = 1 is the ELBO in expectation
+    one = torch.stack([model.bits_per_dim(model.log_prob(x, num_importance=1)) for _ in range(20)]).mean()
+    torch.testing.assert_close(one, elbo_bpd, atol=0.05, rtol=0)
+
+
+def test_train_and_eval_mode_agree(model):
+    x = torch.rand(4, *SHAPE) * 2 - 1
+    torch.manual_seed(1)
+    train_elbo = model.train().elbo(x).elbo
+    torch.manual_seed(1)
+    eval_elbo = model.eval().elbo(x).elbo
+    torch.testing.assert_close(train_elbo, eval_elbo, rtol=0, atol=0)
+
+
+def test_decoder_sigma_respects_the_floor():
+    model = make(flow=False, levels=17)
+    raw = torch.full((2, *SHAPE), -50.0)
+    sigma = model.likelihood.log_scale(raw).exp()
+    torch.testing.assert_close(sigma, torch.full_like(sigma, 1 / 17))  # pinned at the floor, not below
+
+
+def test_tiny_model_overfits_one_batch(model):
+    x = torch.rand(8, *SHAPE) * 2 - 1
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def bpd():
+        return model.bits_per_dim(model.elbo(x).elbo).mean()
+
+    start = bpd().item()
+    for _ in range(100):
+        opt.zero_grad()
+        bpd().backward()
+        opt.step()
+    assert bpd().item() < start - 1.0
+
+
+def test_bits_per_dim_of_uniform_images_under_the_model_unit():
+    model = make(flow=False, levels=256)
+    log_p = torch.full((3,), -64 * torch.log(torch.tensor(2.0)).item())
+    torch.testing.assert_close(model.bits_per_dim(log_p), losses.bits_per_dim(log_p, 64, 256))
+    torch.testing.assert_close(model.bits_per_dim(log_p), torch.full((3,), 8.0))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_then_load_gives_identical_outputs(tmp_path, model, suffix):
+    from cqf.config import Config, DataConfig, TrainConfig, to_dict
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    flow = model.flow.__class__.__name__ != "Identity"
+    cfg = Config(DataConfig(), ModelConfig(latent_dim=4, channels=8, flow_couplings=2 if flow else 0, flow_hidden=8),
+                 TrainConfig())
+    meta = {"image_shape": list(SHAPE), "levels": 17}
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".pt":
+        checkpoint.save(path, model=model, config=to_dict(cfg), step=0, **meta)
+    else:
+        checkpoint.save_safetensors(path, model, cfg, **meta)
+    loaded = checkpoint.load(path)
+    assert not loaded.training
+    model.eval()
+    x = torch.rand(3, *SHAPE) * 2 - 1
+    torch.manual_seed(5)
+    expected = model.elbo(x).elbo, model.sample(2)
+    torch.manual_seed(5)
+    got = loaded.elbo(x).elbo, loaded.sample(2)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

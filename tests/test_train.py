@@ -1,0 +1,85 @@
+"""Training: run directory contents, exact resume, non-finite losses, checkpoint errors."""
+
+import json
+
+import pytest
+import torch
+
+from cqf import checkpoint, evaluate
+from cqf.errors import CheckpointError, TrainingError
+from cqf.models import VAE
+from cqf.train import train
+
+from .conftest import tiny_config
+
+
+def test_run_directory_has_everything(tmp_path, digits):
+    train(tiny_config(), tmp_path, data=digits, progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "tb", "model.safetensors", "results.json"} <= names
+    assert {"ckpt-0000002.pt", "ckpt-0000004.pt", "samples-0000004.png", "recon-0000004.png"} <= names
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_bpd_elbo" in r for r in records) and any("loss_coverage" in r for r in records)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["bpd_iwae"] <= results["bpd_elbo"] + 0.05 and results["iw_samples"] == 4
+    payload = torch.load(tmp_path / "ckpt-0000004.pt", weights_only=True)  # plain state dicts
+    assert {"model", "opt_g", "step", "config", "format", "version", "levels", "image_shape"} <= set(payload)
+
+
+def test_resume_is_bitwise_identical(tmp_path, digits):
+    straight = train(tiny_config(steps=6, ckpt_every=100), tmp_path / "a", data=digits, progress=False)
+    train(tiny_config(steps=3, ckpt_every=3), tmp_path / "b", data=digits, progress=False)  # stop halfway...
+    resumed = train(tiny_config(steps=6, ckpt_every=3), tmp_path / "b", data=digits, progress=False)  # ...resume
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_evaluation_leaves_weights_untouched(tmp_path, digits):
+    model = train(tiny_config(), tmp_path, data=digits, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    evaluate.bits_per_dim(model.train(), digits.x_test[:20], digits.levels, num_importance=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training  # mode restored
+
+
+def test_non_finite_loss_stops_with_step_and_term_and_keeps_checkpoint(tmp_path, digits, monkeypatch):
+    original = VAE.elbo
+    calls = {"n": 0}
+
+    def poisoned(self, x):
+        calls["n"] += 1
+        terms = original(self, x)
+        if calls["n"] > 4:  # 1 init call + 3 good steps, then NaN
+            terms.log_px_z = terms.log_px_z * float("nan")
+        return terms
+
+    monkeypatch.setattr(VAE, "elbo", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss_coverage .* at step 3"):
+        train(tiny_config(steps=10, ckpt_every=2, eval_every=0), tmp_path, data=digits, progress=False)
+    monkeypatch.setattr(VAE, "elbo", original)
+    assert checkpoint.latest(tmp_path).name == "ckpt-0000002.pt"
+    assert checkpoint.load(checkpoint.latest(tmp_path)) is not None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_corrupt_and_foreign_checkpoints_are_named(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a zip file at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(tmp_path / "bad.pt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a cqf checkpoint"):
+        checkpoint.load(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        checkpoint.load(tmp_path / "missing.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError):
+        checkpoint.load(tmp_path / "bad.safetensors")
+
+
+def test_resume_with_an_incompatible_config_is_refused(tmp_path, digits):
+    train(tiny_config(steps=2), tmp_path, data=digits, progress=False)
+    cfg = tiny_config(steps=4)
+    bigger = cfg.__class__(cfg.data, cfg.model.__class__(latent_dim=6, channels=8, flow_couplings=1, flow_hidden=8),
+                           cfg.train)
+    with pytest.raises(TrainingError, match="does not fit this config"):
+        train(bigger, tmp_path, data=digits, progress=False)
