@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import CQFError
 
-DEFAULT_CONFIG = "digits-vae-f"
+DEFAULT_CONFIG = "digits-cq-f"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (quick check)")
     ev.add_argument("--data", default=None, help="data set to evaluate on [the checkpoint's own]")
     ev.add_argument("--json", type=Path, default=None, help="results file [next to the checkpoint]")
+    ev.add_argument("--gan-bpd", action="store_true",
+                    help="GAN checkpoints: fit an encoder and one sigma to the frozen generator, report that bound")
+    ev.add_argument("--gan-bpd-steps", type=int, default=2000, help="fitting steps for --gan-bpd [2000]")
     ev.add_argument("--device", default="cpu")
     return parser
 
@@ -69,7 +72,9 @@ def _train(args) -> None:
 def _eval(args) -> None:
     from .evaluate import evaluate_checkpoint, format_table, write_json
 
-    result = evaluate_checkpoint(args.checkpoint, args.split, args.iw_samples, args.device, args.data, args.max_images)
+    gan_steps = args.gan_bpd_steps if args.gan_bpd else 0
+    result = evaluate_checkpoint(args.checkpoint, args.split, args.iw_samples, args.device, args.data, args.max_images,
+                                 gan_bpd_steps=gan_steps)
     print(format_table(result))
     path = args.json or args.checkpoint.with_name(f"eval-{args.split}.json")
     write_json(result, path)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .data import dequantize, load_dataset, to_unit
 from .errors import CQFError
 
-__all__ = ["bits_per_dim", "evaluate_checkpoint", "sample_grid", "format_table"]
+__all__ = ["bits_per_dim", "gan_bits_per_dim", "evaluate_checkpoint", "sample_grid", "format_table"]
 
 
 @torch.no_grad()
@@ -67,6 +67,55 @@ def bits_per_dim(
     return result | {"iw_samples": num_importance, "num_images": len(x_int), "dequantization_seed": seed}
 
 
+def gan_bits_per_dim(
+    generator: nn.Module,
+    x_train: Tensor,
+    x_test: Tensor,
+    steps: int = 2000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    num_importance: int = 100,
+    channels: int = 32,
+    sigma_floor: float = 1.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Approximate bits/dim of a GAN (the slides' "(*)", DESIGN section 3).
+
+    Freezes the generator G, fits an encoder and one isotropic sigma on the training images by maximizing the
+    ELBO of p(x|z) = N(x; G(z), sigma^2 I), and reports the test-split bound (ELBO and IWAE-K).
+    """
+    from tqdm.auto import tqdm
+
+    from .data import batch_indices
+    from .models import gan_density_model
+
+    levels = generator.levels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = gan_density_model(generator, channels, sigma_floor).to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr)
+        model.train()
+        for step in tqdm(range(steps), desc="fit encoder + sigma", disable=not progress):
+            x = dequantize(x_train[batch_indices(step, len(x_train), batch_size, seed)], levels).to(device)
+            loss = -model.elbo(x).elbo.mean()
+            if not torch.isfinite(loss):
+                raise CQFError(f"GAN bits/dim: non-finite ELBO at fitting step {step}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    result = bits_per_dim(model, x_test, levels, num_importance, device=device, seed=seed, progress=progress)
+    sigma = model.likelihood.log_scale(model.decoder.raw_scale).exp().item()
+    return result | {
+        "approximate": True,
+        "estimator": "GAN (*): ELBO of N(x; G(z), sigma^2 I), G frozen, encoder and one sigma fitted on train",
+        "fit_steps": steps,
+        "sigma": sigma,
+    }
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -83,14 +132,19 @@ def evaluate_checkpoint(
     data_override: str | None = None,
     max_images: int = 0,
     progress: bool = True,
+    gan_bpd_steps: int = 0,
 ) -> dict:
-    """Bits/dim of a checkpoint on a data split, with the protocol written into the result."""
+    """Bits/dim of a checkpoint on a data split, with the protocol written into the result.
+
+    For a GAN checkpoint `gan_bpd_steps > 0` is required: it is the number of fitting steps of the
+    approximate bound (`gan_bits_per_dim`).
+    """
     from .checkpoint import load
 
     model = load(path, device=device)
     cfg = model.config
-    if not getattr(model, "has_density", False):
-        raise CQFError(f"{path} is a GAN: it has no density; bits/dim for it is the approximate --gan-bpd bound")
+    if not getattr(model, "has_density", False) and gan_bpd_steps <= 0:
+        raise CQFError(f"{path} is a GAN and has no density; add --gan-bpd for the approximate bits/dim bound")
     data = load_dataset(data_override or cfg.data.name, cfg.data.root, cfg.data.val_size)
     if data.image_shape != model.image_shape or data.levels != model.levels:
         raise CQFError(
@@ -100,15 +154,23 @@ def evaluate_checkpoint(
     x_int, _ = data.split(split)
     if max_images > 0:
         x_int = x_int[:max_images]
-    result = bits_per_dim(model, x_int, data.levels, num_importance, device=device, progress=progress)
+    if getattr(model, "has_density", False):
+        result = bits_per_dim(model, x_int, data.levels, num_importance, device=device, progress=progress)
+        estimators = (
+            "bpd_elbo: one-sample ELBO (upper bound on bits/dim); bpd_iwae: importance-weighted "
+            f"bound with K={num_importance} latent samples per image"
+        )
+    else:
+        result = gan_bits_per_dim(model, data.x_train, x_int, gan_bpd_steps, num_importance=num_importance,
+                                  sigma_floor=cfg.model.sigma_floor, device=device, progress=progress)
+        estimators = "APPROXIMATE: " + result.pop("estimator")
     return {
         "variant": cfg.variant,
         "data": data.name,
         "split": split,
         **result,
         "levels": data.levels,
-        "estimators": "bpd_elbo: one-sample ELBO (upper bound on bits/dim); bpd_iwae: importance-weighted "
-        f"bound with K={num_importance} latent samples per image",
+        "estimators": estimators,
         "checkpoint": str(path),
         "checkpoint_sha256": _sha256(Path(path)),
     }
@@ -116,10 +178,11 @@ def evaluate_checkpoint(
 
 def format_table(result: dict) -> str:
     """A Markdown table of the bits/dim results."""
+    mark = " (approximate, GAN *)" if result.get("approximate") else ""
     rows = [("variant", result["variant"]), ("data / split", f"{result['data']} / {result['split']}"),
-            ("images", str(result["num_images"])), ("bits/dim, ELBO", f"{result['bpd_elbo']:.4f}")]
+            ("images", str(result["num_images"])), (f"bits/dim, ELBO{mark}", f"{result['bpd_elbo']:.4f}")]
     if "bpd_iwae" in result:
-        rows.append((f"bits/dim, IWAE-{result['iw_samples']}", f"{result['bpd_iwae']:.4f}"))
+        rows.append((f"bits/dim, IWAE-{result['iw_samples']}{mark}", f"{result['bpd_iwae']:.4f}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import flows, losses, nets
 from .config import ModelConfig
 
-__all__ = ["ElboTerms", "FlowGaussian", "VAE", "Generator", "build_model"]
+__all__ = ["ElboTerms", "FlowGaussian", "VAE", "Generator", "IsotropicDecoder", "gan_density_model", "build_model"]
 
 
 @dataclass
@@ -155,6 +155,31 @@ class Generator(nn.Module):
         if z is None:
             z = torch.randn(num_samples, self.latent_dim, device=next(self.parameters()).device)
         return self.decoder(z)[0]
+
+
+class IsotropicDecoder(nn.Module):
+    """z -> (G(z), one shared raw scale): the GAN's frozen generator with a single learned isotropic sigma."""
+
+    def __init__(self, generator: Generator):
+        super().__init__()
+        self.generator = generator.requires_grad_(False)
+        self.raw_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        mean = self.generator.decoder(z)[0]
+        return mean, self.raw_scale.expand_as(mean)
+
+
+def gan_density_model(generator: Generator, channels: int, sigma_floor: float) -> VAE:
+    """The slides' "(*)": p(x|z) = N(x; G(z), sigma^2 I) with G frozen, a new encoder and one sigma to fit.
+
+    Its ELBO bounds the likelihood of the GAN's generator made stochastic; it is an approximate bits/dim
+    for a model that has no density of its own (DESIGN section 3).
+    """
+    encoder = nets.ConvEncoder(generator.image_shape, generator.latent_dim, channels)
+    likelihood = FlowGaussian(flows.Identity(), sigma_floor / generator.levels)
+    return VAE(encoder, IsotropicDecoder(generator), likelihood, generator.latent_dim, generator.image_shape,
+               generator.levels)
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], levels: int, gan: bool = False) -> nn.Module:

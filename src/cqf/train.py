@@ -287,7 +287,8 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
                 record = {k: float(v) for k, v in stats.items()}
                 record["images_per_s"] = step * tc.batch_size / max(time.monotonic() - start_time, 1e-9)
                 logger.write(step, record)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss_coverage", "bpd", "loss_quality", "loss_d") if k in record})
+                shown = ("loss_coverage", "bpd", "loss_quality", "loss_d", "d_acc_real", "d_acc_fake")
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
             if not gan and tc.eval_every > 0 and step % tc.eval_every == 0 and len(data.x_val):
                 val = evaluate.bits_per_dim(eval_model, data.x_val, data.levels, num_importance=0, device=device)
                 logger.write(step, {"val_bpd_elbo": val["bpd_elbo"]})

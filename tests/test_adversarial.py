@@ -1,0 +1,134 @@
+"""The quality half: gradient routing of L_Q, one step of each variant, bundled configs, GAN bits/dim."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from cqf import config as cqf_config
+from cqf.config import Config, ModelConfig, TrainConfig
+from cqf.data import ImageData, dequantize
+from cqf.evaluate import gan_bits_per_dim
+from cqf.models import Generator, build_model
+from cqf.train import build_discriminator, discriminator_step, generator_step, train
+
+from .conftest import tiny_config
+
+SHAPE = (1, 8, 8)
+VARIANTS = {  # name: (coverage_weight, quality_weight, flow_couplings)
+    "VAE": (1.0, 0.0, 0),
+    "VAE-F": (1.0, 0.0, 2),
+    "CQ": (1.0, 1.0, 0),
+    "CQ-F": (1.0, 1.0, 2),
+    "GAN": (0.0, 1.0, 0),
+}
+
+
+def variant_config(name: str) -> Config:
+    coverage, quality, couplings = VARIANTS[name]
+    return Config(
+        model=ModelConfig(latent_dim=4, channels=8, flow_couplings=couplings, flow_hidden=8, disc_channels=8,
+                          disc_blocks=2),
+        train=TrainConfig(coverage_weight=coverage, quality_weight=quality),
+    )
+
+
+def build(name: str):
+    cfg = variant_config(name)
+    model = build_model(cfg.model, SHAPE, 17, gan=cfg.train.coverage_weight == 0)
+    if not isinstance(model, Generator):
+        model.elbo(torch.rand(16, *SHAPE) * 2 - 1)  # ActNorm init
+        with torch.no_grad():  # move the zero-initialised coupling outputs off zero: routing must be visible
+            for p in model.flow.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return cfg, model, build_discriminator(cfg, SHAPE)
+
+
+def test_variant_names():
+    assert [variant_config(n).variant for n in VARIANTS] == list(VARIANTS)
+
+
+def _grad_norms(module):
+    return {n: (0.0 if p.grad is None else p.grad.abs().sum().item()) for n, p in module.named_parameters()}
+
+
+def test_quality_loss_reaches_decoder_and_flow_but_not_encoder_or_disc():
+    _, model, disc = build("CQ-F")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    generator_step(model, disc, opt, torch.rand(6, *SHAPE) * 2 - 1, coverage_weight=0.0, quality_weight=1.0,
+                   grad_clip=0.0, step=0)
+    assert all(g == 0.0 for g in _grad_norms(model.encoder).values())
+    assert all(g > 0 for g in _grad_norms(model.decoder).values())
+    flow_grads = _grad_norms(model.flow)
+    assert all(g > 0 for g in flow_grads.values()), [n for n, g in flow_grads.items() if g == 0]
+    assert all(p.grad is None for p in disc.parameters())  # D frozen during the generator step
+    assert all(p.requires_grad for p in disc.parameters())  # ... and unfrozen after it
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_one_step_updates_exactly_the_right_parameters(name):
+    cfg, model, disc = build(name)
+    x = dequantize(torch.randint(0, 17, (8, *SHAPE)), 17)
+    before_g = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_g = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if disc is not None:
+        before_d = {k: v.clone() for k, v in disc.state_dict().items()}
+        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2)
+        stats = discriminator_step(model, disc, opt_d, x, step=0)
+        assert {"loss_d", "d_acc_real", "d_acc_fake"} <= set(stats)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_g.items())  # D step leaves G alone
+        disc_changed = [k for k, v in disc.state_dict().items() if "orig" in k and not torch.equal(v, before_d[k])]
+        assert disc_changed
+        before_d = {k: v.clone() for k, v in disc.state_dict().items()}
+    tc = cfg.train
+    stats = generator_step(model, disc, opt_g, x, tc.coverage_weight, tc.quality_weight, 10.0, step=0)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before_g[k])}
+    assert any(k.startswith("decoder.") for k in changed)
+    if tc.coverage_weight > 0:
+        assert any(k.startswith("encoder.") for k in changed) and "loss_coverage" in stats
+    if VARIANTS[name][2]:
+        assert any(k.startswith("likelihood.flow.") for k in changed)
+    if disc is not None:
+        assert "loss_quality" in stats
+        assert all(torch.equal(v, before_d[k]) for k, v in disc.state_dict().items() if "orig" in k)
+    else:
+        assert "loss_quality" not in stats
+
+
+def test_warmup_switches_quality_on_at_the_configured_step(tmp_path, digits):
+    cfg = tiny_config(steps=4, warmup_steps=2, quality_weight=1.0, eval_every=0, sample_every=0)
+    train(cfg, tmp_path, data=digits, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    has_quality = {r["step"]: "loss_quality" in r for r in records if "loss_coverage" in r}
+    assert has_quality == {1: False, 2: False, 3: True, 4: True}
+
+
+def _fake_data(shape, levels) -> ImageData:
+    x = torch.randint(0, levels, (12, *shape), dtype=torch.uint8)
+    y = torch.zeros(12, dtype=torch.int64)
+    return ImageData("fake", levels, x[:8], y[:8], x[8:10], y[8:10], x[10:], y[10:])
+
+
+@pytest.mark.parametrize("name", sorted(cqf_config.bundled_configs()))
+def test_every_bundled_config_builds_and_runs_one_step(tmp_path, name):
+    torch.set_default_dtype(torch.float32)  # as in real use; the CIFAR-size nets are slow in float64
+    cfg = cqf_config.load_config(name)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, steps=1, batch_size=4, warmup_steps=0, eval_every=0, sample_every=0, eval_iw_samples=2,
+        device="cpu"))
+    shape, levels = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}[
+        cfg.data.name]
+    model = train(cfg, tmp_path, data=_fake_data(shape, levels), progress=False)
+    assert model.sample(2).shape == (2, *shape)
+    assert (tmp_path / "ckpt-0000001.pt").exists()
+
+
+def test_gan_bits_per_dim_is_a_finite_bound_and_leaves_the_generator_alone(digits):
+    generator = build_model(ModelConfig(latent_dim=4, channels=8), SHAPE, 17, gan=True)
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    result = gan_bits_per_dim(generator, digits.x_train, digits.x_test[:30], steps=20, batch_size=16,
+                              num_importance=4, channels=8)
+    assert result["approximate"] and torch.isfinite(torch.tensor([result["bpd_elbo"], result["bpd_iwae"]])).all()
+    assert result["sigma"] >= 1 / 17
+    assert all(torch.equal(v, generator.state_dict()[k]) for k, v in before.items())
