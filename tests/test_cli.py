@@ -33,7 +33,9 @@ def test_unknown_config_lists_bundled_ones(capsys):
 
 
 def test_impossible_combination(capsys):
-    assert "nothing to train" in _error(capsys, ["train", "--set", "train.coverage_weight=0"])
+    both_zero = ["--set", "train.coverage_weight=0", "--set", "train.quality_weight=0"]
+    assert "nothing to train" in _error(capsys, ["train", *both_zero])
+    assert "has no flow" in _error(capsys, ["train", "digits-cq-f", "--set", "train.coverage_weight=0"])
 
 
 def test_list_and_dry_run(capsys):
@@ -61,9 +63,35 @@ def test_train_sample_eval_end_to_end(capsys, tmp_path):
     main(["train", str(config), "--out", str(run), "--quiet"])
     main(["sample", str(run / "ckpt-0000003.pt"), "-n", "9", "--out", str(tmp_path / "grid.png")])
     assert (tmp_path / "grid.png").stat().st_size > 0
-    main(["eval", str(run / "model.safetensors"), "-k", "3", "--max-images", "20", "--json", str(tmp_path / "e.json")])
+    main(["eval", str(run / "model.safetensors"), "--metrics", "bpd", "-k", "3", "--max-images", "20",
+          "--json", str(tmp_path / "e.json")])
     out = capsys.readouterr().out
-    assert "IWAE-3" in out and "| bits/dim, ELBO" in out
-    result = json.loads((tmp_path / "e.json").read_text())
-    assert result["num_images"] == 20 and result["variant"] == "VAE-F" and len(result["checkpoint_sha256"]) == 64
-    assert torch.isfinite(torch.tensor(result["bpd_iwae"]))
+    assert "IWAE-3" in out and "| bits/dim test, ELBO" in out
+    bpd = json.loads((tmp_path / "e.json").read_text())["bits_per_dim"]
+    assert bpd["num_images"] == 20 and bpd["variant"] == "VAE-F" and len(bpd["checkpoint_sha256"]) == 64
+    assert torch.isfinite(torch.tensor(bpd["bpd_iwae"]))
+
+    # N PNG files that other tools read, identical to the in-memory samples
+    from cqf import load
+    from cqf.evaluate import load_image_folder, sample_images
+
+    main(["sample", str(run / "model.safetensors"), "-n", "5", "--out", str(tmp_path / "pngs"), "--seed", "3"])
+    files = sorted((tmp_path / "pngs").glob("*.png"))
+    assert len(files) == 5
+    expected = sample_images(load(run / "model.safetensors"), 5, seed=3)
+    assert torch.equal(load_image_folder(tmp_path / "pngs", channels=1), expected)
+
+
+def test_report_table_and_plot(tmp_path, capsys):
+    for name, variant, bpd, fid in (("a", "VAE-F", 3.5, 112.0), ("b", "CQ-F", 3.9, 28.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "eval.json").write_text(json.dumps({
+            "protocol": {"generated": {"variant": variant}, "reference": {"split": "train"}},
+            "bits_per_dim": {"bpd_elbo": bpd, "bpd_iwae": bpd - 0.1}, "metrics": {"fid": fid, "recall": 0.5},
+            "unavailable": {}}))
+    main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "rep")])
+    table = (tmp_path / "rep" / "report.md").read_text()
+    assert "| b | CQ-F | 3.900 | 3.800 | – | 28.000 |" in table
+    assert (tmp_path / "rep" / "bpd_fid.png").stat().st_size > 1000
+    assert "no-such" in _error(capsys, ["report", str(tmp_path / "no-such")])

@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import EVAL_METRICS as ALL_METRICS
 from .errors import CQFError
 
 DEFAULT_CONFIG = "digits-cq-f"
@@ -29,24 +30,46 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sample = commands.add_parser("sample", help="draw samples from a checkpoint into a PNG grid")
+    sample = commands.add_parser("sample", help="draw samples: a PNG grid (--out X.png) or N PNG files (--out DIR)")
     sample.add_argument("checkpoint", type=Path)
     sample.add_argument("-n", "--num", type=int, default=64, help="number of samples [64]")
-    sample.add_argument("--out", type=Path, default=Path("samples.png"))
+    sample.add_argument("--out", type=Path, default=Path("samples.png"), help="X.png for a grid, else a folder")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu")
 
-    ev = commands.add_parser("eval", help="bits/dim of a checkpoint on a data split (ELBO and IWAE-K)")
-    ev.add_argument("checkpoint", type=Path)
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev = commands.add_parser("eval", help="evaluate a checkpoint, image folder or .npz: bits/dim and sample metrics")
+    ev.add_argument("source", type=Path, help="ckpt-*.pt / model.safetensors, a folder of PNGs, or an .npz")
+    ev.add_argument("--metrics", default="all", help=f"comma list of {','.join(ALL_METRICS)} or 'all' [all]")
+    ev.add_argument("--data", default=None, help="reference data set [the checkpoint's own; required for images]")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="bits/dim split [test]")
+    ev.add_argument("--reference", default="train", choices=["train", "test"], help="reference images [train]")
+    ev.add_argument("--num-samples", type=int, default=50_000, help="generated images [50000, the protocol]")
+    ev.add_argument("--num-reference", type=int, default=0, help="reference images, a fixed random subset [all]")
+    ev.add_argument("--features", default="inception", help="inception or classifier:PATH [inception]")
+    ev.add_argument("--inception-weights", default=None, help="local TF-Inception weights [$CQF_INCEPTION_WEIGHTS]")
     ev.add_argument("-k", "--iw-samples", type=int, default=100, help="K of the IWAE-K bound; 0 skips it [100]")
-    ev.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (quick check)")
-    ev.add_argument("--data", default=None, help="data set to evaluate on [the checkpoint's own]")
-    ev.add_argument("--json", type=Path, default=None, help="results file [next to the checkpoint]")
+    ev.add_argument("--max-images", type=int, default=0, help="bits/dim on the first N images only (quick check)")
     ev.add_argument("--gan-bpd", action="store_true",
                     help="GAN checkpoints: fit an encoder and one sigma to the frozen generator, report that bound")
     ev.add_argument("--gan-bpd-steps", type=int, default=2000, help="fitting steps for --gan-bpd [2000]")
+    ev.add_argument("--neighbours", type=Path, default=None, help="PNG: samples beside their nearest real images")
+    ev.add_argument("--npz-key", default=None, help="array of an .npz source [x, samples, images, arr_0, x_test]")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--cache-dir", type=Path, default=None, help="reference feature cache [$CQF_DATA/features]")
+    ev.add_argument("--json", type=Path, default=None, help="results file [eval.json next to a checkpoint]")
     ev.add_argument("--device", default="cpu")
+
+    classifier = commands.add_parser("classifier", help="domain classifier for feature metrics on small images")
+    classifier.add_argument("action", choices=["train"])
+    classifier.add_argument("data", help="data set name (digits, mnist, cifar10, npz:PATH)")
+    classifier.add_argument("--out", type=Path, default=None, help="weights file [classifiers/DATA.safetensors]")
+    classifier.add_argument("--epochs", type=int, default=5)
+    classifier.add_argument("--device", default="cpu")
+
+    report = commands.add_parser("report", help="one Markdown table and a BPD-vs-FID plot over several runs")
+    report.add_argument("runs", nargs="+", type=Path, help="run directories (each with eval.json or results.json)")
+    report.add_argument("--out", type=Path, default=Path("report"), help="folder for report.md and bpd_fid.png")
     return parser
 
 
@@ -70,30 +93,67 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from .evaluate import evaluate_checkpoint, format_table, write_json
+    from .data import default_root
+    from .evaluate import evaluate, format_table, write_json
 
-    gan_steps = args.gan_bpd_steps if args.gan_bpd else 0
-    result = evaluate_checkpoint(args.checkpoint, args.split, args.iw_samples, args.device, args.data, args.max_images,
-                                 gan_bpd_steps=gan_steps)
+    wanted = ALL_METRICS if args.metrics == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    result = evaluate(
+        args.source, args.data, wanted, args.split, args.reference, args.num_samples, args.num_reference,
+        args.features, args.inception_weights, args.iw_samples, args.gan_bpd_steps if args.gan_bpd else 0,
+        args.seed, args.batch_size, args.device, args.npz_key, args.neighbours,
+        args.cache_dir or default_root() / "features", args.max_images,
+    )
     print(format_table(result))
-    path = args.json or args.checkpoint.with_name(f"eval-{args.split}.json")
+    path = args.json or (args.source.with_name("eval.json") if args.source.is_file() and
+                         args.source.suffix in (".pt", ".safetensors") else Path("eval.json"))
     write_json(result, path)
     print(f"results written to {path}")
+    if result.get("error"):  # e.g. no Inception weights offline: the other metrics were still written
+        raise CQFError(result["error"])
+    if result["unavailable"] and args.metrics != "all":  # asked for by name, so its absence is an error
+        metric, why = next(iter(result["unavailable"].items()))
+        raise CQFError(f"{metric} unavailable: {why}")
 
 
 def _sample(args) -> None:
-    from .evaluate import sample_grid
+    from .checkpoint import load
+    from .evaluate import sample_grid, sample_images, write_image_folder
 
     if args.num < 1:
         raise CQFError(f"-n must be >= 1, got {args.num}")
-    print(f"samples written to {sample_grid(args.checkpoint, args.num, args.out, args.seed, args.device)}")
+    if args.out.suffix.lower() == ".png":
+        print(f"samples written to {sample_grid(args.checkpoint, args.num, args.out, args.seed, args.device)}")
+        return
+    images = sample_images(load(args.checkpoint, args.device), args.num, seed=args.seed, device=args.device,
+                           progress=True)
+    print(f"{args.num} PNG files written to {write_image_folder(images, args.out)}")
+
+
+def _classifier(args) -> None:
+    from .data import load_dataset
+    from .features import train_classifier
+
+    data = load_dataset(args.data)
+    out = args.out or Path("classifiers") / f"{args.data.replace(':', '_').replace('/', '_')}.safetensors"
+    info = train_classifier(data, out, epochs=args.epochs, device=args.device)
+    print(f"classifier for {data.name}: test accuracy {info['test_accuracy']:.4f}, written to {out} "
+          f"(sha256 {info['sha256'][:12]}); use it with: cqf eval ... --features classifier:{out}")
+
+
+def _report(args) -> None:
+    from .report import write_report
+
+    table, plot = write_report(args.runs, args.out)
+    print(table)
+    print(f"written: {args.out / 'report.md'}, {plot}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        {"train": _train, "eval": _eval, "sample": _sample}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "sample": _sample, "classifier": _classifier, "report": _report}
+        commands[args.command](args)
     except CQFError as err:
         print(f"cqf: error: {err}", file=sys.stderr)
         sys.exit(2)

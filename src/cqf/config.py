@@ -19,6 +19,10 @@ from .errors import ConfigError
 __all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "bundled_configs", "load_config", "from_dict"]
 
 
+# Metrics of `cqf eval` (cqf.evaluate): bits/dim, FID, KID, Inception Score, precision/recall, density/coverage.
+EVAL_METRICS = ("bpd", "fid", "kid", "is", "pr", "dc")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"  # digits | mnist | cifar10 | npz:PATH

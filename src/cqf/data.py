@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import DataError
 
-__all__ = ["ImageData", "load_dataset", "dequantize", "to_unit", "batch_indices", "default_root"]
+__all__ = ["ImageData", "load_dataset", "dequantize", "to_levels", "to_unit", "batch_indices", "default_root"]
 
 
 @dataclass
@@ -60,8 +60,12 @@ def dequantize(x_int: Tensor, levels: int, generator: torch.Generator | None = N
 
 def to_unit(x: Tensor, levels: int) -> Tensor:
     """Model-space images -> [0, 1] for display: quantize to the nearest level, then scale by levels - 1."""
-    k = torch.floor((x.clamp(-1, 1) + 1) / 2 * levels).clamp(0, levels - 1)
-    return k / (levels - 1)
+    return to_levels(x, levels) / (levels - 1)
+
+
+def to_levels(x: Tensor, levels: int) -> Tensor:
+    """Model-space images -> integer levels k in {0..levels-1} (the inverse of dequantization, u dropped)."""
+    return torch.floor((x.clamp(-1, 1) + 1) / 2 * levels).clamp(0, levels - 1).long()
 
 
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:

@@ -132,3 +132,27 @@ def default_disc_size(image_shape: tuple[int, int, int]) -> tuple[int, int]:
         return 64, 3
     return 32, 2
 
+
+
+class Classifier(nn.Module):
+    """Small CNN for domain features on small images (digits, MNIST): x in [0, 1] -> (features, logits).
+
+    Its penultimate layer (`feature_dim` units) plays the role of Inception's pool3 for images where
+    Inception features mean little.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 32, feature_dim: int = 128):
+        super().__init__()
+        c, h, w = image_shape
+        layers, channels = [], c
+        for _ in range(max(num_downsamplings(h, w), 1)):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            channels, width = width, 2 * width
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, feature_dim),
+                                  nn.ReLU())
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.body(x)
+        return features, self.head(features)

@@ -1,0 +1,88 @@
+"""`cqf report`: the paper's Table 1 layout over several runs, and a BPD-vs-FID plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import CQFError
+
+__all__ = ["collect", "markdown_table", "write_report"]
+
+COLUMNS = [("variant", "variant"), ("bpd", "BPD"), ("bpd_iwae", "BPD IWAE"), ("is", "IS"), ("fid", "FID"),
+           ("kid", "KID"), ("precision", "precision"), ("recall", "recall"), ("density", "density"),
+           ("coverage", "coverage")]
+
+
+def collect(run_dir: Path) -> dict:
+    """One row from a run directory: eval.json (cqf eval) and/or results.json (cqf train's test bits/dim)."""
+    run_dir = Path(run_dir)
+    row = {"run": run_dir.name}
+    results, evaluation = run_dir / "results.json", run_dir / "eval.json"
+    if not results.is_file() and not evaluation.is_file():
+        raise CQFError(f"{run_dir} has neither eval.json nor results.json; run `cqf eval {run_dir}/model.safetensors`")
+    if results.is_file():
+        r = json.loads(results.read_text())
+        row |= {"variant": r.get("variant"), "bpd": r.get("bpd_elbo"), "bpd_iwae": r.get("bpd_iwae")}
+    if evaluation.is_file():
+        e = json.loads(evaluation.read_text())
+        row["variant"] = e["protocol"]["generated"].get("variant", row.get("variant"))
+        bpd = e.get("bits_per_dim")
+        if bpd:
+            row |= {"bpd": bpd["bpd_elbo"], "bpd_iwae": bpd.get("bpd_iwae"), "bpd_approximate": bpd.get("approximate")}
+        m = e.get("metrics", {})
+        row |= {"is": m.get("is_mean"), "fid": m.get("fid"), "kid": m.get("kid_mean"), "precision": m.get("precision"),
+                "recall": m.get("recall"), "density": m.get("density"), "coverage": m.get("coverage")}
+        row["protocol"] = e["protocol"]
+    return row
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        text = f"{value:.4f}" if key in ("kid",) else f"{value:.3f}"
+        return text + (" (*)" if key.startswith("bpd") and row.get("bpd_approximate") else "")
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| run | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    lines += ["| " + " | ".join([row["run"]] + [_cell(row, key) for key, _ in COLUMNS]) + " |" for row in rows]
+    if any(row.get("bpd_approximate") for row in rows):
+        lines.append("\n(*) GAN: approximate bound (frozen generator, fitted encoder and isotropic sigma).")
+    protocols = {json.dumps({k: v for k, v in row["protocol"].items() if k != "generated"}, sort_keys=True)
+                 for row in rows if "protocol" in row}
+    if len(protocols) > 1:
+        lines.append("\nwarning: the runs were evaluated under different protocols (reference, counts or features).")
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[Path], out: Path) -> tuple[str, Path]:
+    """report.md and bpd_fid.png (one labelled point per run with both numbers) in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [collect(r) for r in run_dirs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    (out / "report.md").write_text(table + "\n")
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for row in rows:
+        if row.get("bpd") is not None and row.get("fid") is not None:
+            ax.scatter(row["bpd"], row["fid"], marker="x" if row.get("bpd_approximate") else "o")
+            ax.annotate(f"{row.get('variant') or row['run']}", (row["bpd"], row["fid"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("bits/dim (test ELBO; x = approximate)")
+    ax.set_ylabel("FID")
+    ax.set_title("coverage (BPD) vs quality (FID): lower-left is better")
+    fig.tight_layout()
+    plot = out / "bpd_fid.png"
+    fig.savefig(plot)
+    plt.close(fig)
+    return table, plot

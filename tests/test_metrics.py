@@ -1,0 +1,180 @@
+"""Sample-quality metrics: closed forms, known extremes, and agreement with torch-fidelity and prdc."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import hadamard
+
+from cqf import metrics
+from cqf.evaluate import evaluate, format_table
+from cqf.features import ClassifierExtractor, extract, levels_to_uint8, make_extractor
+
+from .conftest import tiny_config
+
+
+def orthogonal_design(num: int, dims: int, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Rows whose sample mean is `mean` and sample covariance exactly diag(scale^2) * num / (num - 1)."""
+    walsh = torch.from_numpy(hadamard(num)[:, 1 : dims + 1]).double()  # orthogonal, zero-mean +-1 columns
+    return mean + walsh * scale
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    f = torch.randn(500, 16)
+    assert abs(metrics.fid(f, f)) < 1e-6
+
+
+def test_fid_of_gaussian_feature_sets_matches_the_closed_form():
+    num, dims = 256, 12
+    mu1, mu2 = torch.randn(dims), torch.randn(dims)
+    s1, s2 = torch.rand(dims) + 0.5, torch.rand(dims) + 0.5
+    a, b = orthogonal_design(num, dims, mu1, s1), orthogonal_design(num, dims, mu2, s2)
+    scale = num / (num - 1)  # unbiased covariance
+    expected = (mu1 - mu2).square().sum() + scale * (s1 - s2).square().sum()
+    assert metrics.fid(a, b) == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_precision_recall_density_coverage_extremes():
+    real = torch.randn(400, 8)
+    p, r = metrics.precision_recall(real, real)
+    d, c = metrics.density_coverage(real, real)
+    assert p == 1.0 and r == 1.0 and c == 1.0 and d == pytest.approx(1.0, abs=0.15)
+    far = torch.randn(400, 8) + 100.0
+    assert metrics.precision_recall(far, real) == (0.0, 0.0)
+    assert metrics.density_coverage(far, real) == (0.0, 0.0)
+
+
+def test_density_coverage_match_prdc():
+    prdc = pytest.importorskip("prdc")
+    real, fake = torch.randn(300, 6), 0.8 * torch.randn(250, 6) + 0.3
+    reference = prdc.compute_prdc(real.numpy(), fake.numpy(), nearest_k=5)
+    density, coverage = metrics.density_coverage(fake, real, k=5, chunk=64)  # chunked == whole
+    assert density == pytest.approx(reference["density"], abs=1e-12)
+    assert coverage == pytest.approx(reference["coverage"], abs=1e-12)
+
+
+def test_inception_score_extremes():
+    uniform = torch.zeros(1000, 10)
+    assert metrics.inception_score(uniform)[0] == pytest.approx(1.0, abs=1e-6)
+    confident = torch.full((1000, 10), -1e4)
+    confident[torch.arange(1000), torch.arange(1000) % 10] = 1e4
+    assert metrics.inception_score(confident, splits=1)[0] == pytest.approx(10.0, rel=1e-6)  # balanced classes
+
+
+@pytest.fixture()
+def random_classifier(tmp_path, digits):
+    """An untrained (randomly initialised) classifier file: a feature extractor that needs no download."""
+    from cqf.features import train_classifier
+
+    path = tmp_path / "random.safetensors"
+    train_classifier(digits, path, epochs=0, progress=False)  # 0 epochs: random weights, real file format
+    return path
+
+
+def test_feature_extraction_does_not_depend_on_batch_size(random_classifier, digits):
+    torch.set_default_dtype(torch.float32)
+    extractor = make_extractor(f"classifier:{random_classifier}")
+    images = levels_to_uint8(digits.x_test[:40], digits.levels)
+    one = extract(extractor, images, batch_size=1)["features"]
+    many = extract(extractor, images, batch_size=40)["features"]
+    torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_fid_kid_precision_recall_equal_torch_fidelity(tmp_path, random_classifier, digits):
+    """The whole `cqf eval` pipeline on an .npz of images vs torch_fidelity.calculate_metrics, same extractor."""
+    import torch_fidelity
+
+    torch.set_default_dtype(torch.float32)
+    generated = 16 - digits.x_test[:300]  # inverted digits: clearly unlike the reference
+    np.savez(tmp_path / "gen.npz", x=levels_to_uint8(generated, 17)[:, 0].numpy())  # NHW uint8 0..255
+    ours = evaluate(tmp_path / "gen.npz", data_name="digits", metrics_wanted=("fid", "kid", "pr"),
+                    features=f"classifier:{random_classifier}", num_samples=300, num_reference=500, progress=False)
+    # image files are 0..255; the evaluator maps the reference's 17 levels to 0..255 the same way
+    from cqf.config import DataConfig
+    from cqf.data import load_dataset
+    from cqf.evaluate import _reference_subset
+
+    x_train = load_dataset("digits", val_size=DataConfig().val_size).x_train
+    ref = levels_to_uint8(_reference_subset(x_train, 500), 17)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_Images(levels_to_uint8(generated, 17)), input2=_Images(ref), cuda=False, fid=True, kid=True,
+        prc=True, feature_extractor="cqf-classifier", feature_extractor_weights_path=str(random_classifier),
+        feature_layer_fid="features", feature_layer_kid="features", feature_layer_prc="features",
+        kid_subset_size=300, save_cpu_ram=True, verbose=False, cache=False,
+    )
+    assert ours["metrics"]["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+    assert ours["metrics"]["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
+    assert ours["metrics"]["precision"] == pytest.approx(theirs["precision"], abs=1e-6)
+    assert ours["metrics"]["recall"] == pytest.approx(theirs["recall"], abs=1e-6)
+
+
+def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digits):
+    from cqf.train import train
+
+    torch.set_default_dtype(torch.float32)
+    train(tiny_config(steps=2, eval_iw_samples=0), tmp_path / "run", data=digits, progress=False)
+    kwargs = dict(metrics_wanted=("bpd", "fid", "kid", "is", "pr", "dc"), features=f"classifier:{random_classifier}",
+                  num_samples=200, num_reference=300, num_importance=3, max_images=50, cache_dir=tmp_path / "cache",
+                  neighbours=tmp_path / "nn.png", progress=False)
+    first = evaluate(tmp_path / "run" / "model.safetensors", **kwargs)
+    protocol = first["protocol"]
+    assert protocol["generated"]["num_images"] == 200 and len(protocol["generated"]["sha256"]) == 64
+    assert protocol["generated"]["seed"] == 0 and protocol["generated"]["variant"] == "VAE-F"
+    assert protocol["reference"] == {"data": "digits", "split": "train", "num_images": 300, "features_cached": False}
+    assert protocol["extractor"]["name"] == "classifier" and len(protocol["extractor"]["weights_sha256"]) == 64
+    assert "fewer than the protocol's 50000" in protocol["note"]
+    assert first["bits_per_dim"]["iw_samples"] == 3 and first["bits_per_dim"]["num_images"] == 50
+    assert set(first["metrics"]) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall",
+                                     "density", "coverage"}
+    assert (tmp_path / "nn.png").stat().st_size > 0
+    json.dumps(first)  # serialisable as the results file
+    assert "FID" in format_table(first) and "bits/dim test, IWAE-3" in format_table(first)
+    second = evaluate(tmp_path / "run" / "model.safetensors", **kwargs)
+    assert second["protocol"]["reference"]["features_cached"] is True
+    assert second["metrics"] == first["metrics"]  # same seed, same cache: same numbers
+
+
+def test_offline_inception_fails_clearly_and_other_metrics_still_run(tmp_path, digits, monkeypatch, capsys):
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    from cqf.cli import main
+    from cqf.train import train
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(fe, "FeatureExtractorInceptionV3", offline)
+    monkeypatch.delenv("CQF_INCEPTION_WEIGHTS", raising=False)
+    torch.set_default_dtype(torch.float32)
+    train(tiny_config(steps=2, eval_iw_samples=0), tmp_path / "run", data=digits, progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path / "run" / "model.safetensors"), "--metrics", "all", "--num-samples", "64",
+              "-k", "2", "--max-images", "20", "--json", str(tmp_path / "e.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--inception-weights" in err and "CQF_INCEPTION_WEIGHTS" in err
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert math.isfinite(result["bits_per_dim"]["bpd_elbo"]) and "fid" in result["unavailable"]
+
+
+def test_classifier_learns_digits(tmp_path, digits):
+    from cqf.features import train_classifier
+
+    torch.set_default_dtype(torch.float32)
+    info = train_classifier(digits, tmp_path / "c.safetensors", epochs=20, progress=False)
+    assert info["test_accuracy"] > 0.8  # 10 classes: chance is 0.1
+    extractor = ClassifierExtractor("cqf-classifier", ["features"], str(tmp_path / "c.safetensors"))
+    assert extractor.info["test_accuracy"] == info["test_accuracy"]
