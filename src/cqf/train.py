@@ -247,6 +247,16 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
         checkpoint.prune(run_dir, tc.keep_checkpoints)
         return path
 
+    first_step, last_logged = step, step
+
+    def log_stats():
+        nonlocal last_logged
+        record = {k: float(v) for k, v in stats.items()}
+        record["images_per_s"] = (step - first_step) * tc.batch_size / max(time.monotonic() - start_time, 1e-9)
+        logger.write(step, record)
+        last_logged = step
+        return record
+
     bar = _progress(tc.steps, step, progress)
     model.train()
     try:
@@ -284,9 +294,7 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
             bar.update(1)
 
             if step % tc.log_every == 0 or step == tc.steps:
-                record = {k: float(v) for k, v in stats.items()}
-                record["images_per_s"] = step * tc.batch_size / max(time.monotonic() - start_time, 1e-9)
-                logger.write(step, record)
+                record = log_stats()
                 shown = ("loss_coverage", "bpd", "loss_quality", "loss_d", "d_acc_real", "d_acc_fake")
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
             if not gan and tc.eval_every > 0 and step % tc.eval_every == 0 and len(data.x_val):
@@ -299,6 +307,8 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
                 last_ckpt = save_checkpoint()
     finally:
         bar.close()
+    if step != last_logged and stats:  # stopped by the time budget between two log steps
+        log_stats()
 
     if last_ckpt is None or not last_ckpt.name.endswith(f"{step:07d}.pt"):
         save_checkpoint()
