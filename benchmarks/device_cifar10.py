@@ -60,12 +60,12 @@ def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     npz = unpack(args.data, Path("/tmp/cifar10-subset.npz"))
     summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__, "minutes_per_run": args.minutes, "runs": {}}
+               "torch": torch.__version__, "minutes_per_run": args.minutes, "overrides": args.overrides, "runs": {}}
     for variant in args.variants.split(","):
         cfg = cqf_config.load_config(f"cifar10-{variant}", [
             f"data.name=npz:{npz}", f"train.minutes={args.minutes}", "train.steps=10000000",
             "train.eval_iw_samples=0", "train.sample_every=0", "train.eval_every=0", "train.ckpt_every=0",
-            "train.log_every=200"])
+            "train.log_every=200", *args.overrides])
         run_dir = Path("/tmp/runs") / variant
         start = time.time()
         model = train(cfg, run_dir, progress=False)
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2048)
     parser.add_argument("--iw-samples", type=int, default=100)
     parser.add_argument("--gan-bpd-steps", type=int, default=2000)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--out", type=Path, default=Path("device-out"))
     args = parser.parse_args()
     if args.pack:
