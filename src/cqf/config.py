@@ -54,7 +54,7 @@ class TrainConfig:
     grad_clip: float = 100.0  # max global gradient norm of the generator side; 0 = off
     coverage_weight: float = 1.0  # weight of L_C = -ELBO (nats per image)
     quality_weight: float = 0.0  # lambda, weight of L_Q (nats per image); > 0 adds a discriminator
-    warmup_steps: int = 0  # likelihood-only steps before L_Q switches on
+    warmup_steps: int = 0  # likelihood-only steps before L_Q switches on (hybrid runs; ignored by a GAN)
     lr_d: float = 2e-4
     betas_d: tuple[float, float] = (0.0, 0.9)
     d_steps: int = 1  # discriminator steps per generator step

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import DataError
 
-__all__ = ["ImageData", "load_dataset", "dequantize", "to_levels", "to_unit", "batch_indices", "default_root"]
+__all__ = ["ImageData", "load_dataset", "dequantize", "to_levels", "to_unit", "levels_to_uint8", "batch_indices", "default_root"]
 
 
 @dataclass
@@ -66,6 +66,13 @@ def to_unit(x: Tensor, levels: int) -> Tensor:
 def to_levels(x: Tensor, levels: int) -> Tensor:
     """Model-space images -> integer levels k in {0..levels-1} (the inverse of dequantization, u dropped)."""
     return torch.floor((x.clamp(-1, 1) + 1) / 2 * levels).clamp(0, levels - 1).long()
+
+
+def levels_to_uint8(k: Tensor, levels: int) -> Tensor:
+    """Integer images with `levels` grey levels -> uint8 0..255 (k * 255 / (levels - 1), rounded)."""
+    if levels == 256:
+        return k.to(torch.uint8)
+    return torch.round(k.double() * 255 / (levels - 1)).to(torch.uint8)
 
 
 def batch_indices(step: int, num_items: int, batch_size: int, seed: int) -> Tensor:

@@ -241,8 +241,7 @@ def sample_images(model: nn.Module, num: int, batch_size: int = 250, seed: int =
     """`num` samples of a model as uint8 images (N, C, H, W) in 0..255, from a fixed seed."""
     from tqdm.auto import tqdm
 
-    from .data import to_levels
-    from .features import levels_to_uint8
+    from .data import levels_to_uint8, to_levels
 
     out = []
     with torch.random.fork_rng(devices=[]):
@@ -309,7 +308,8 @@ def _reference_subset(x_int: Tensor, num: int) -> Tensor:
 def reference_features(extractor, data, split: str, num: int, cache_dir: Path | None, batch_size: int,
                        device: str, progress: bool) -> tuple[dict, bool]:
     """Features of the reference split, cached per (data set, split, size, extractor weights)."""
-    from .features import extract, levels_to_uint8
+    from .data import levels_to_uint8
+    from .features import extract
 
     x_ref = levels_to_uint8(_reference_subset(data.split(split)[0], num), data.levels)
     key = hashlib.sha256(f"{data.name}|{split}|{len(x_ref)}|{extractor.name}|{extractor.sha256}".encode()).hexdigest()
@@ -398,7 +398,8 @@ def evaluate(
     GAN with `gan_bpd_steps`), `metrics` and `unavailable` (metric -> reason).
     """
     from .checkpoint import load
-    from .features import FeatureError, extract, levels_to_uint8, make_extractor
+    from .data import levels_to_uint8
+    from .features import FeatureError, extract, make_extractor
 
     source = Path(source)
     unknown = sorted(set(metrics_wanted) - set(ALL_METRICS))

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from .data import levels_to_uint8
 from .errors import CQFError
 
 __all__ = ["Extractor", "make_extractor", "extract", "ClassifierExtractor", "levels_to_uint8", "sha256_file"]
@@ -43,13 +44,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def levels_to_uint8(k: Tensor, levels: int) -> Tensor:
-    """Integer images with `levels` grey levels -> uint8 0..255 (k * 255 / (levels - 1), rounded)."""
-    if levels == 256:
-        return k.to(torch.uint8)
-    return torch.round(k.double() * 255 / (levels - 1)).to(torch.uint8)
 
 
 class ClassifierExtractor(FeatureExtractorBase):

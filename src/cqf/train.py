@@ -266,7 +266,8 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
                 break
             # Reseed from (seed, step): dequantization, z and decoder noise are exact on resume.
             torch.manual_seed(cfg.seed * 1_000_003 + step)
-            quality_on = disc is not None and step >= tc.warmup_steps
+            # The likelihood-only warm-up applies to hybrid runs; a GAN has only L_Q from its first step.
+            quality_on = disc is not None and (step >= tc.warmup_steps or tc.coverage_weight == 0)
             if quality_on and not quality_announced and tc.warmup_steps > 0:
                 log.info("step %d: warm-up over, L_Q switched on", step)
                 quality_announced = True
