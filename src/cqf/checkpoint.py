@@ -18,7 +18,7 @@ from . import __version__
 from .config import Config, from_dict, to_dict
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["save", "load_payload", "latest", "save_safetensors", "load", "FORMAT"]
+__all__ = ["FORMAT", "latest", "load", "load_payload", "save", "save_safetensors"]
 
 FORMAT = "cqf-checkpoint-v1"
 

@@ -16,7 +16,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "bundled_configs", "load_config", "from_dict"]
+__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "bundled_configs", "from_dict", "load_config"]
 
 
 # Metrics of `cqf eval` (cqf.evaluate): bits/dim, FID, KID, Inception Score, precision/recall, density/coverage.
@@ -111,11 +111,7 @@ def _coerce(value, hint, where: str):
             return float(value)  # PyYAML (YAML 1.1) reads "3e-4" as a string
         except ValueError:
             pass
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif hint is bool and isinstance(value, bool):
-        return value
-    elif hint is str and isinstance(value, str):
+    elif hint in (int, bool, str) and type(value) is hint:  # exact: True is not an int here
         return value
     raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import DataError
 
-__all__ = ["ImageData", "load_dataset", "dequantize", "to_levels", "to_unit", "levels_to_uint8", "batch_indices", "default_root"]
+__all__ = ["ImageData", "batch_indices", "default_root", "dequantize", "levels_to_uint8", "load_dataset", "to_levels", "to_unit"]
 
 
 @dataclass

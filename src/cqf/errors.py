@@ -1,6 +1,6 @@
 """The errors cqf raises for bad input. The CLI prints their message on one line and exits non-zero."""
 
-__all__ = ["CQFError", "ConfigError", "DataError", "CheckpointError", "TrainingError"]
+__all__ = ["CQFError", "CheckpointError", "ConfigError", "DataError", "TrainingError"]
 
 
 class CQFError(Exception):

@@ -20,7 +20,7 @@ from .config import EVAL_METRICS, DataConfig
 from .data import dequantize, load_dataset, to_unit
 from .errors import CQFError
 
-__all__ = ["bits_per_dim", "gan_bits_per_dim", "evaluate_checkpoint", "sample_grid", "format_table"]
+__all__ = ["bits_per_dim", "evaluate_checkpoint", "format_table", "gan_bits_per_dim", "sample_grid"]
 
 
 @torch.no_grad()
@@ -208,11 +208,26 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, padding: int = 1,
+              pad_value: float = 0.0) -> Tensor:
+    """Save images in [0, 1] (N, C, H, W) as one PNG grid; small images are enlarged (nearest) to >= 32 px.
+
+    Returns the grid tensor (C, H', W'), e.g. for TensorBoard.
+    """
+    from torchvision.utils import make_grid, save_image
+
+    scale = max(1, math.ceil(32 / images.shape[-2]))
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=nrow or int(math.ceil(math.sqrt(len(images)))), padding=padding,
+                     pad_value=pad_value)
+    save_image(grid, path)
+    return grid
+
+
 @torch.no_grad()
 def sample_grid(path: str | Path, num_samples: int, out: str | Path, seed: int = 0, device: str = "cpu") -> Path:
     """Draw `num_samples` from a checkpoint and save them as one PNG grid."""
-    from torchvision.utils import save_image
-
     from .checkpoint import load
 
     model = load(path, device=device)
@@ -220,7 +235,7 @@ def sample_grid(path: str | Path, num_samples: int, out: str | Path, seed: int =
     images = to_unit(model.sample(num_samples), model.levels).float().cpu()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=int(math.ceil(math.sqrt(num_samples))), padding=1)
+    save_grid(images, out)
     return out
 
 
@@ -360,14 +375,12 @@ def feature_metrics(gen: dict, ref: dict, extractor, wanted: tuple[str, ...]) ->
 def neighbours_grid(x_gen: Tensor, f_gen: Tensor, x_ref: Tensor, f_ref: Tensor, out: Path, rows: int = 16,
                     k: int = 6) -> Path:
     """PNG: each row a generated image followed by its k nearest reference images in feature space."""
-    from torchvision.utils import save_image
-
     rows = min(rows, len(x_gen))
     nearest = torch.cdist(f_gen[:rows].double(), f_ref.double()).topk(k, largest=False).indices  # (rows, k)
     tiles = []
     for i in range(rows):
         tiles += [x_gen[i]] + [x_ref[j] for j in nearest[i]]
-    save_image(torch.stack(tiles).float() / 255, out, nrow=k + 1, padding=2, pad_value=1.0)
+    save_grid(torch.stack(tiles).float() / 255, out, nrow=k + 1, padding=2, pad_value=1.0)
     return out
 
 

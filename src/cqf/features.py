@@ -25,7 +25,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from .data import levels_to_uint8
 from .errors import CQFError
 
-__all__ = ["Extractor", "make_extractor", "extract", "ClassifierExtractor", "levels_to_uint8", "sha256_file"]
+__all__ = ["ClassifierExtractor", "Extractor", "extract", "levels_to_uint8", "make_extractor", "sha256_file"]
 
 CLASSIFIER_FORMAT = "cqf-classifier-v1"
 INCEPTION_HINT = (

@@ -14,15 +14,15 @@ from torch import Tensor, nn
 from .nets import coupling_net
 
 __all__ = [
-    "AffineCoupling",
     "ActNorm",
-    "Squeeze",
-    "Unsqueeze",
-    "Sequential",
+    "AffineCoupling",
     "FactorOut",
     "Identity",
-    "checkerboard",
+    "Sequential",
+    "Squeeze",
+    "Unsqueeze",
     "channel_mask",
+    "checkerboard",
     "real_nvp",
 ]
 

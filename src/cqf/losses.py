@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "diag_gaussian_log_prob",
-    "kl_to_standard_normal",
-    "standard_normal_log_prob",
     "bits_per_dim",
+    "diag_gaussian_log_prob",
     "discriminator_bce",
+    "kl_to_standard_normal",
     "quality_loss",
+    "standard_normal_log_prob",
 ]
 
 LOG_2PI = math.log(2 * math.pi)

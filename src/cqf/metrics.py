@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["fid", "kid", "precision_recall", "density_coverage", "inception_score"]
+__all__ = ["density_coverage", "fid", "inception_score", "kid", "precision_recall"]
 
 
 def fid(features_gen: Tensor, features_ref: Tensor) -> float:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import flows, losses, nets
 from .config import ModelConfig
 
-__all__ = ["ElboTerms", "FlowGaussian", "VAE", "Generator", "IsotropicDecoder", "gan_density_model", "build_model"]
+__all__ = ["VAE", "ElboTerms", "FlowGaussian", "Generator", "IsotropicDecoder", "build_model", "gan_density_model"]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["num_downsamplings", "ConvEncoder", "ConvDecoder", "coupling_net", "Discriminator", "default_disc_size"]
+__all__ = ["ConvDecoder", "ConvEncoder", "Discriminator", "coupling_net", "default_disc_size", "num_downsamplings"]
 
 
 def num_downsamplings(height: int, width: int) -> int:

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .data import ImageData, batch_indices, dequantize, load_dataset, to_unit
 from .errors import TrainingError
 from .models import build_model
 
-__all__ = ["train", "generator_step", "discriminator_step", "ema_beta", "resolve_device", "build_discriminator"]
+__all__ = ["build_discriminator", "discriminator_step", "ema_beta", "generator_step", "resolve_device", "train"]
 
 log = logging.getLogger("cqf")
 
@@ -154,13 +153,10 @@ class _Logger:
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
-    def image(self, tag: str, path: Path, grid: Tensor, step: int) -> None:
-        from torchvision.utils import save_image
+    def image(self, tag: str, path: Path, images: Tensor, step: int) -> None:
+        from .evaluate import save_grid
 
-        save_image(grid, path, nrow=int(math.ceil(math.sqrt(grid.shape[0]))), padding=1)
-        from torchvision.utils import make_grid
-
-        self.writer.add_image(tag, make_grid(grid, nrow=int(math.ceil(math.sqrt(grid.shape[0])))), step)
+        self.writer.add_image(tag, save_grid(images, path), step)
 
     def close(self) -> None:
         self.writer.close()
