@@ -9,7 +9,7 @@ import torch
 from scipy.linalg import hadamard
 
 from cqf import metrics
-from cqf.evaluate import evaluate, format_table
+from cqf.evaluate import ImagesDataset, evaluate, format_table
 from cqf.features import ClassifierExtractor, extract, levels_to_uint8, make_extractor
 
 from .conftest import tiny_config
@@ -82,17 +82,6 @@ def test_feature_extraction_does_not_depend_on_batch_size(random_classifier, dig
     torch.testing.assert_close(one, many, atol=1e-5, rtol=1e-5)
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
-
-
 def test_fid_kid_precision_recall_equal_torch_fidelity(tmp_path, random_classifier, digits):
     """The whole `cqf eval` pipeline on an .npz of images vs torch_fidelity.calculate_metrics, same extractor."""
     import torch_fidelity
@@ -105,12 +94,12 @@ def test_fid_kid_precision_recall_equal_torch_fidelity(tmp_path, random_classifi
     # image files are 0..255; the evaluator maps the reference's 17 levels to 0..255 the same way
     from cqf.config import DataConfig
     from cqf.data import load_dataset
-    from cqf.evaluate import _reference_subset
+    from cqf.evaluate import _fixed_subset
 
     x_train = load_dataset("digits", val_size=DataConfig().val_size).x_train
-    ref = levels_to_uint8(_reference_subset(x_train, 500), 17)
+    ref = levels_to_uint8(_fixed_subset(x_train, 500), 17)
     theirs = torch_fidelity.calculate_metrics(
-        input1=_Images(levels_to_uint8(generated, 17)), input2=_Images(ref), cuda=False, fid=True, kid=True,
+        input1=ImagesDataset(levels_to_uint8(generated, 17)), input2=ImagesDataset(ref), cuda=False, fid=True, kid=True,
         prc=True, feature_extractor="cqf-classifier", feature_extractor_weights_path=str(random_classifier),
         feature_layer_fid="features", feature_layer_kid="features", feature_layer_prc="features",
         kid_subset_size=300, save_cpu_ram=True, verbose=False, cache=False,

@@ -301,6 +301,19 @@ def load_npz_images(path: Path, key: str | None = None) -> Tensor:
     return _as_nchw(arrays[found], f"{path}[{found}]")
 
 
+class ImagesDataset(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) as a Dataset of tensors: the input torch-fidelity's calculate_metrics takes."""
+
+    def __init__(self, images: Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.images[index]
+
+
 def write_image_folder(images: Tensor, folder: Path) -> Path:
     """uint8 (N, C, H, W) -> folder/000000.png ... (grey or RGB), readable by torch-fidelity and others."""
     from PIL import Image
@@ -313,8 +326,8 @@ def write_image_folder(images: Tensor, folder: Path) -> Path:
     return folder
 
 
-def _reference_subset(x_int: Tensor, num: int) -> Tensor:
-    """A fixed random subset (seed 0): data files sorted by class must not give a one-class reference."""
+def _fixed_subset(x_int: Tensor, num: int) -> Tensor:
+    """A fixed random subset (seed 0): image files sorted by class must not give a one-class subset."""
     if num <= 0 or num >= len(x_int):
         return x_int
     return x_int[torch.randperm(len(x_int), generator=torch.Generator().manual_seed(0))[:num]]
@@ -326,7 +339,7 @@ def reference_features(extractor, data, split: str, num: int, cache_dir: Path | 
     from .data import levels_to_uint8
     from .features import extract
 
-    x_ref = levels_to_uint8(_reference_subset(data.split(split)[0], num), data.levels)
+    x_ref = levels_to_uint8(_fixed_subset(data.split(split)[0], num), data.levels)
     key = hashlib.sha256(f"{data.name}|{split}|{len(x_ref)}|{extractor.name}|{extractor.sha256}".encode()).hexdigest()
     path = Path(cache_dir) / f"ref-{key[:24]}.pt" if cache_dir else None
     if path is not None and path.is_file():
@@ -466,8 +479,8 @@ def evaluate(
         x_gen = load_image_folder(source, data.image_shape[0])
     else:
         x_gen = load_npz_images(source, npz_key)
-    if not is_checkpoint and num_samples < len(x_gen):
-        x_gen = x_gen[:num_samples]
+    if not is_checkpoint:
+        x_gen = _fixed_subset(x_gen, num_samples)
     if tuple(x_gen.shape[1:]) != data.image_shape:
         raise CQFError(f"generated images are {tuple(x_gen.shape[1:])} but {data.name} images are {data.image_shape}")
     ref, cached = reference_features(extractor, data, reference, num_reference, cache_dir, batch_size, device,
@@ -487,7 +500,7 @@ def evaluate(
             f"{len(x_gen)} generated images, fewer than the protocol's {FULL_PROTOCOL_SAMPLES}: a quick check; "
             "FID and KID are biased by the sample count, compare only at equal counts")
     if neighbours is not None:
-        x_ref = levels_to_uint8(_reference_subset(data.split(reference)[0], num_reference), data.levels)
+        x_ref = levels_to_uint8(_fixed_subset(data.split(reference)[0], num_reference), data.levels)
         neighbours_grid(x_gen, gen[extractor.feature_key], x_ref, ref[extractor.feature_key], neighbours)
         result["neighbours_png"] = str(neighbours)
     return result
