@@ -136,8 +136,9 @@ def test_gan_bits_per_dim_is_a_finite_bound_and_leaves_the_generator_alone(digit
 
 def test_gan_ignores_the_hybrid_warmup(tmp_path, digits):
     """A GAN has no L_C to warm up with: L_Q is on from its first step whatever warmup_steps says."""
-    cfg = tiny_config(steps=2, warmup_steps=5, coverage_weight=0.0, quality_weight=1.0, eval_every=0, sample_every=0)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, flow_couplings=0))
+    base = tiny_config(steps=2, warmup_steps=5, quality_weight=1.0, eval_every=0, sample_every=0)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, flow_couplings=0),
+                              train=dataclasses.replace(base.train, coverage_weight=0.0))
     train(cfg, tmp_path, data=digits, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss_quality" in r] == [1, 2]
