@@ -7,6 +7,7 @@ metadata; `cqf.load` reads either.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,15 @@ FORMAT = "cqf-checkpoint-v1"
 
 def _state_of(value):
     return value.state_dict() if hasattr(value, "state_dict") else value
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoint and weights hashes in results)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import sha256_file
 from .config import EVAL_METRICS, DataConfig
 from .data import dequantize, load_dataset, to_unit
 from .errors import CQFError
@@ -117,14 +118,6 @@ def gan_bits_per_dim(
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def evaluate_checkpoint(
     path: str | Path,
     split: str = "test",
@@ -173,7 +166,7 @@ def evaluate_checkpoint(
         "levels": data.levels,
         "estimators": estimators,
         "checkpoint": str(path),
-        "checkpoint_sha256": _sha256(Path(path)),
+        "checkpoint_sha256": sha256_file(path),
     }
 
 
@@ -454,7 +447,7 @@ def evaluate(
         if model.image_shape != data.image_shape or model.levels != data.levels:
             raise CQFError(f"{source} models {model.image_shape} images with {model.levels} levels, but {data.name} "
                            f"has {data.image_shape} with {data.levels}; evaluate on its own data set")
-        result["protocol"]["generated"] |= {"sha256": _sha256(source), "variant": model.config.variant}
+        result["protocol"]["generated"] |= {"sha256": sha256_file(source), "variant": model.config.variant}
         if "bpd" in metrics_wanted:
             result["bits_per_dim"] = evaluate_checkpoint(source, bpd_split, num_importance, device, name, max_images,
                                                          progress, gan_bpd_steps) if (

@@ -12,7 +12,6 @@ Every extractor takes uint8 images (B, C, H, W) in 0..255 and returns a tuple of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
+from .checkpoint import sha256_file
 from .data import levels_to_uint8
 from .errors import CQFError
 
@@ -36,14 +36,6 @@ INCEPTION_HINT = (
 
 class FeatureError(CQFError):
     """A feature extractor cannot be built (missing weights, wrong image shape)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ClassifierExtractor(FeatureExtractorBase):
