@@ -7,6 +7,7 @@ with Inception features on another machine (`cqf eval samples.npz --data ...`).
 
     python benchmarks/device_cifar10.py --pack ../shared/data/cifar10.npz --train 24000 --test 2000 --to .devdata/c10.xz
     PYTHONPATH=src python benchmarks/device_cifar10.py --data .devdata/c10.xz --minutes 1.2 --out $OUT
+    PYTHONPATH=src python benchmarks/device_cifar10.py --data .devdata/c10.xz --minutes 6 --seeds 2 --parallel --out $OUT
 """
 
 from __future__ import annotations
@@ -50,47 +51,90 @@ def unpack(path: Path, out: Path) -> Path:
     return out
 
 
-def run(args) -> None:
+def train_one(variant: str, seed: int, npz: Path, args, out: Path) -> dict:
+    """Train one variant for `args.minutes`, then its bits/dim and `args.num_samples` samples (uint8 NHWC .npz)."""
     import torch
 
     from cqf import config as cqf_config
+    from cqf.data import load_dataset
     from cqf.evaluate import bits_per_dim, gan_bits_per_dim, sample_images
     from cqf.train import train
 
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cqf_config.load_config(f"cifar10-{variant}", [
+        f"data.name=npz:{npz}", f"train.minutes={args.minutes}", "train.steps=10000000", f"seed={seed}",
+        "train.eval_iw_samples=0", "train.sample_every=0", "train.eval_every=0", "train.ckpt_every=0",
+        "train.log_every=200", *args.overrides])
+    run_dir = Path("/tmp/runs") / f"{variant}-s{seed}"
+    start = time.time()
+    model = train(cfg, run_dir, progress=False)
+    seconds = time.time() - start
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = max(r["step"] for r in records)
+    rate = [r["images_per_s"] for r in records if "images_per_s" in r][-1]
+    data = load_dataset(cfg.data.name, val_size=cfg.data.val_size)
+    device = next(model.parameters()).device
+    t = time.time()
+    if variant == "gan":
+        bpd = gan_bits_per_dim(model, data.x_train, data.x_test, steps=args.gan_bpd_steps,
+                               num_importance=args.iw_samples, device=device)
+    else:
+        bpd = bits_per_dim(model, data.x_test, data.levels, args.iw_samples, device=device)
+    bpd_seconds = time.time() - t
+    samples = sample_images(model, args.num_samples, seed=0, device=device)
+    np.savez(out / "samples.npz", x=samples.permute(0, 2, 3, 1).numpy())
+    result = {"variant": cfg.variant, "seed": seed, "steps": steps, "train_seconds": round(seconds, 1),
+              "images_per_s": round(rate, 1), "bpd": bpd, "bpd_seconds": round(bpd_seconds, 1),
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "last_log": records[-1]}
+    (out / "run.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run(args) -> None:
+    """All (variant, seed) runs, one after another or all at once as processes sharing the GPU (`--parallel`).
+
+    Samples come back as one .npz per variant with one key per seed (`s0`, `s1`, ...), to stay within a few files.
+    """
+    import subprocess
+    import sys
+
+    import torch
+
     args.out.mkdir(parents=True, exist_ok=True)
     npz = unpack(args.data, Path("/tmp/cifar10-subset.npz"))
+    jobs = [(v, s) for s in range(args.seeds) for v in args.variants.split(",")]
+    parts = Path("/tmp/parts")
     summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__, "minutes_per_run": args.minutes, "overrides": args.overrides, "runs": {}}
-    for variant in args.variants.split(","):
-        cfg = cqf_config.load_config(f"cifar10-{variant}", [
-            f"data.name=npz:{npz}", f"train.minutes={args.minutes}", "train.steps=10000000",
-            "train.eval_iw_samples=0", "train.sample_every=0", "train.eval_every=0", "train.ckpt_every=0",
-            "train.log_every=200", *args.overrides])
-        run_dir = Path("/tmp/runs") / variant
-        start = time.time()
-        model = train(cfg, run_dir, progress=False)
-        seconds = time.time() - start
-        last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        steps = max(r["step"] for r in last)
-        rate = [r["images_per_s"] for r in last if "images_per_s" in r][-1]
-        from cqf.data import load_dataset
-
-        data = load_dataset(cfg.data.name, val_size=cfg.data.val_size)
-        t = time.time()
-        if variant == "gan":
-            bpd = gan_bits_per_dim(model, data.x_train, data.x_test, steps=args.gan_bpd_steps,
-                                   num_importance=args.iw_samples, device=model.decoder.head.weight.device)
-        else:
-            bpd = bits_per_dim(model, data.x_test, data.levels, args.iw_samples,
-                               device=next(model.parameters()).device)
-        bpd_seconds = time.time() - t
-        samples = sample_images(model, args.num_samples, seed=0, device=next(model.parameters()).device)
-        np.savez_compressed(args.out / f"samples-{variant}.npz", x=samples.permute(0, 2, 3, 1).numpy())
-        summary["runs"][variant] = {"variant": cfg.variant, "steps": steps, "train_seconds": round(seconds, 1),
-                                    "images_per_s": round(rate, 1), "bpd": bpd, "bpd_seconds": round(bpd_seconds, 1),
-                                    "parameters": sum(p.numel() for p in model.parameters())}
-        print(json.dumps({variant: summary["runs"][variant]}), flush=True)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+               "torch": torch.__version__, "minutes_per_run": args.minutes, "overrides": args.overrides,
+               "concurrent_runs": len(jobs) if args.parallel else 1, "runs": {}}
+    if args.parallel:
+        procs = []
+        for v, s in jobs:
+            log = open(parts.with_name(f"parts-{v}-s{s}.log"), "w")
+            cmd = [sys.executable, __file__, "--worker", v, str(s), "--npz", str(npz), "--minutes", str(args.minutes),
+                   "--num-samples", str(args.num_samples), "--iw-samples", str(args.iw_samples),
+                   "--gan-bpd-steps", str(args.gan_bpd_steps), "--out", str(parts / f"{v}-s{s}")]
+            cmd += [a for o in args.overrides for a in ("--set", o)]
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        codes = [p.wait() for p in procs]
+        summary["exit_codes"] = {f"{v}-s{s}": c for (v, s), c in zip(jobs, codes)}
+        summary["failed_logs"] = {f"{v}-s{s}": parts.with_name(f"parts-{v}-s{s}.log").read_text()[-2000:]
+                                  for (v, s), c in zip(jobs, codes) if c != 0}
+    else:
+        for v, s in jobs:
+            train_one(v, s, npz, args, parts / f"{v}-s{s}")
+    for v, s in jobs:
+        run_json = parts / f"{v}-s{s}" / "run.json"
+        if run_json.exists():
+            summary["runs"][f"{v}-s{s}"] = json.loads(run_json.read_text())
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for v in args.variants.split(","):
+        arrays = {f"s{s}": np.load(parts / f"{v}-s{s}" / "samples.npz")["x"] for s in range(args.seeds)
+                  if (parts / f"{v}-s{s}" / "samples.npz").exists()}
+        if arrays:
+            np.savez_compressed(args.out / f"samples-{v}.npz", **arrays)
+    print(json.dumps(summary, indent=1))
 
 
 def main() -> None:
@@ -105,11 +149,17 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2048)
     parser.add_argument("--iw-samples", type=int, default=100)
     parser.add_argument("--gan-bpd-steps", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each variant")
+    parser.add_argument("--parallel", action="store_true", help="all runs at once, sharing the GPU")
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    parser.add_argument("--npz", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     parser.add_argument("--out", type=Path, default=Path("device-out"))
     args = parser.parse_args()
     if args.pack:
         pack(args.pack, args.train, args.test, args.to)
+    elif args.worker:
+        train_one(args.worker[0], int(args.worker[1]), args.npz, args, args.out)
     else:
         run(args)
 

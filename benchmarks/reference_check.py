@@ -53,9 +53,12 @@ def main() -> None:
     reference = _fixed_subset(data.x_train, args.num)
     start = time.time()
     cache = args.out / "tf-cache"
+    # The extractor is named because torch-fidelity's default puts precision/recall on VGG-16 features (a second
+    # download); cqf computes every metric on the same Inception pool3 features, and so does this side.
     tf = torch_fidelity.calculate_metrics(
-        input1=ImagesDataset(generated), input2=ImagesDataset(reference), cuda=torch.cuda.is_available(), fid=True, kid=True,
-        prc=True, feature_extractor_weights_path=args.inception_weights, cache_root=str(cache), cache=True,
+        input1=ImagesDataset(generated), input2=ImagesDataset(reference), feature_extractor="inception-v3-compat",
+        cuda=torch.cuda.is_available(), fid=True, kid=True, prc=True,
+        feature_extractor_weights_path=args.inception_weights, cache_root=str(cache), cache=True,
         input1_cache_name=f"gen{args.num}", input2_cache_name=f"ref{args.num}", save_cpu_ram=True, verbose=False)
     features = {name: torch.load(next(cache.glob(f"{name}{args.num}-*-features-2048*")), weights_only=False)
                 for name in ("gen", "ref")}
