@@ -51,7 +51,7 @@ def unpack(path: Path, out: Path) -> Path:
     return out
 
 
-def train_one(variant: str, seed: int, npz: Path, args, out: Path) -> dict:
+def train_one(variant: str, seed: int, npz: Path, args, out: Path, extra: list[str] = ()) -> dict:
     """Train one variant for `args.minutes`, then its bits/dim and `args.num_samples` samples (uint8 NHWC .npz)."""
     import torch
 
@@ -64,8 +64,8 @@ def train_one(variant: str, seed: int, npz: Path, args, out: Path) -> dict:
     cfg = cqf_config.load_config(f"cifar10-{variant}", [
         f"data.name=npz:{npz}", f"train.minutes={args.minutes}", "train.steps=10000000", f"seed={seed}",
         "train.eval_iw_samples=0", "train.sample_every=0", "train.eval_every=0", "train.ckpt_every=0",
-        "train.log_every=200", *args.overrides])
-    run_dir = Path("/tmp/runs") / f"{variant}-s{seed}"
+        "train.log_every=200", *args.overrides, *extra])
+    run_dir = Path("/tmp/runs") / out.name
     start = time.time()
     model = train(cfg, run_dir, progress=False)
     seconds = time.time() - start
@@ -85,7 +85,7 @@ def train_one(variant: str, seed: int, npz: Path, args, out: Path) -> dict:
     np.savez(out / "samples.npz", x=samples.permute(0, 2, 3, 1).numpy())
     result = {"variant": cfg.variant, "seed": seed, "steps": steps, "train_seconds": round(seconds, 1),
               "images_per_s": round(rate, 1), "bpd": bpd, "bpd_seconds": round(bpd_seconds, 1),
-              "parameters": sum(p.numel() for p in model.parameters()),
+              "parameters": sum(p.numel() for p in model.parameters()), "overrides": [*args.overrides, *extra],
               "last_log": records[-1]}
     (out / "run.json").write_text(json.dumps(result, indent=2))
     return result
@@ -103,37 +103,41 @@ def run(args) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     npz = unpack(args.data, Path("/tmp/cifar10-subset.npz"))
-    jobs = [(v, s) for s in range(args.seeds) for v in args.variants.split(",")]
+    jobs = [(v, s, f"{v}-s{s}", []) for s in range(args.seeds) for v in args.variants.split(",")]
+    if args.jobs:  # NAME:VARIANT:SEED[:key=value;key=value]
+        jobs = [(j.split(":")[1], int(j.split(":")[2]), j.split(":")[0],
+                 j.split(":", 3)[3].split(";") if j.count(":") >= 3 else []) for j in args.jobs]
     parts = Path("/tmp/parts")
     summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "minutes_per_run": args.minutes, "overrides": args.overrides,
                "concurrent_runs": len(jobs) if args.parallel else 1, "runs": {}}
     if args.parallel:
         procs = []
-        for v, s in jobs:
-            log = open(parts.with_name(f"parts-{v}-s{s}.log"), "w")
+        for v, s, name, extra in jobs:
+            log = open(parts.with_name(f"parts-{name}.log"), "w")
             cmd = [sys.executable, __file__, "--worker", v, str(s), "--npz", str(npz), "--minutes", str(args.minutes),
                    "--num-samples", str(args.num_samples), "--iw-samples", str(args.iw_samples),
-                   "--gan-bpd-steps", str(args.gan_bpd_steps), "--out", str(parts / f"{v}-s{s}")]
-            cmd += [a for o in args.overrides for a in ("--set", o)]
+                   "--gan-bpd-steps", str(args.gan_bpd_steps), "--out", str(parts / name)]
+            cmd += [a for o in [*args.overrides, *extra] for a in ("--set", o)]
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait() for p in procs]
-        summary["exit_codes"] = {f"{v}-s{s}": c for (v, s), c in zip(jobs, codes)}
-        summary["failed_logs"] = {f"{v}-s{s}": parts.with_name(f"parts-{v}-s{s}.log").read_text()[-2000:]
-                                  for (v, s), c in zip(jobs, codes) if c != 0}
+        summary["exit_codes"] = {name: c for (_, _, name, _), c in zip(jobs, codes)}
+        summary["failed_logs"] = {name: parts.with_name(f"parts-{name}.log").read_text()[-2000:]
+                                  for (_, _, name, _), c in zip(jobs, codes) if c != 0}
     else:
-        for v, s in jobs:
-            train_one(v, s, npz, args, parts / f"{v}-s{s}")
-    for v, s in jobs:
-        run_json = parts / f"{v}-s{s}" / "run.json"
-        if run_json.exists():
-            summary["runs"][f"{v}-s{s}"] = json.loads(run_json.read_text())
+        for v, s, name, extra in jobs:
+            train_one(v, s, npz, args, parts / name, extra)
+    for _, _, name, _ in jobs:
+        if (parts / name / "run.json").exists():
+            summary["runs"][name] = json.loads((parts / name / "run.json").read_text())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    for v in args.variants.split(","):
-        arrays = {f"s{s}": np.load(parts / f"{v}-s{s}" / "samples.npz")["x"] for s in range(args.seeds)
-                  if (parts / f"{v}-s{s}" / "samples.npz").exists()}
+    groups = {}  # one file per variant (keys s0, s1, ...) or, for named jobs, one per job (key s<seed>)
+    for v, s, name, _ in jobs:
+        groups.setdefault(name if args.jobs else v, {})[f"s{s}"] = parts / name / "samples.npz"
+    for group, files in groups.items():
+        arrays = {key: np.load(path)["x"] for key, path in files.items() if path.exists()}
         if arrays:
-            np.savez_compressed(args.out / f"samples-{v}.npz", **arrays)
+            np.savez_compressed(args.out / f"samples-{group}.npz", **arrays)
     print(json.dumps(summary, indent=1))
 
 
@@ -151,6 +155,8 @@ def main() -> None:
     parser.add_argument("--gan-bpd-steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each variant")
     parser.add_argument("--parallel", action="store_true", help="all runs at once, sharing the GPU")
+    parser.add_argument("--job", dest="jobs", action="append", default=[],
+                        help="NAME:VARIANT:SEED[:key=value;...] a run with its own overrides (replaces variants/seeds)")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--npz", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
@@ -159,7 +165,7 @@ def main() -> None:
     if args.pack:
         pack(args.pack, args.train, args.test, args.to)
     elif args.worker:
-        train_one(args.worker[0], int(args.worker[1]), args.npz, args, args.out)
+        train_one(args.worker[0], int(args.worker[1]), args.npz, args, args.out, [])
     else:
         run(args)
 
