@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def train_one(variant: str, seed: int, npz: Path, args, out: Path, extra: list[s
         f"data.name=npz:{npz}", f"train.minutes={args.minutes}", "train.steps=10000000", f"seed={seed}",
         "train.eval_iw_samples=0", "train.sample_every=0", "train.eval_every=0", "train.ckpt_every=0",
         "train.log_every=200", *args.overrides, *extra])
-    run_dir = Path("/tmp/runs") / out.name
+    run_dir = Path(tempfile.mkdtemp(prefix=f"cqf-{out.name}-"))  # fresh: a leftover run dir would be resumed
     start = time.time()
     model = train(cfg, run_dir, progress=False)
     seconds = time.time() - start
@@ -107,14 +108,14 @@ def run(args) -> None:
     if args.jobs:  # NAME:VARIANT:SEED[:key=value;key=value]
         jobs = [(j.split(":")[1], int(j.split(":")[2]), j.split(":")[0],
                  j.split(":", 3)[3].split(";") if j.count(":") >= 3 else []) for j in args.jobs]
-    parts = Path("/tmp/parts")
+    parts = Path(tempfile.mkdtemp(prefix="cqf-parts-"))
     summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "minutes_per_run": args.minutes, "overrides": args.overrides,
                "concurrent_runs": len(jobs) if args.parallel else 1, "runs": {}}
     if args.parallel:
         procs = []
         for v, s, name, extra in jobs:
-            log = open(parts.with_name(f"parts-{name}.log"), "w")
+            log = open((parts / f"{name}.log"), "w")
             cmd = [sys.executable, __file__, "--worker", v, str(s), "--npz", str(npz), "--minutes", str(args.minutes),
                    "--num-samples", str(args.num_samples), "--iw-samples", str(args.iw_samples),
                    "--gan-bpd-steps", str(args.gan_bpd_steps), "--out", str(parts / name)]
@@ -122,7 +123,7 @@ def run(args) -> None:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait() for p in procs]
         summary["exit_codes"] = {name: c for (_, _, name, _), c in zip(jobs, codes)}
-        summary["failed_logs"] = {name: parts.with_name(f"parts-{name}.log").read_text()[-2000:]
+        summary["failed_logs"] = {name: (parts / f"{name}.log").read_text()[-2000:]
                                   for (_, _, name, _), c in zip(jobs, codes) if c != 0}
     else:
         for v, s, name, extra in jobs:
