@@ -110,7 +110,9 @@ def test_fid_kid_precision_recall_equal_torch_fidelity(tmp_path, random_classifi
     assert ours["metrics"]["recall"] == pytest.approx(theirs["recall"], abs=1e-6)
 
 
-def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digits):
+def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digits, monkeypatch):
+    import cqf.checkpoint
+    import cqf.evaluate
     from cqf.train import train
 
     torch.set_default_dtype(torch.float32)
@@ -118,7 +120,15 @@ def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digi
     kwargs = dict(metrics_wanted=("bpd", "fid", "kid", "is", "pr", "dc"), features=f"classifier:{random_classifier}",
                   num_samples=200, num_reference=300, num_importance=3, max_images=50, cache_dir=tmp_path / "cache",
                   neighbours=tmp_path / "nn.png", progress=False)
+    calls = []
+    for module, name in [(cqf.checkpoint, "load"), (cqf.evaluate, "load_dataset")]:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     first = evaluate(tmp_path / "run" / "model.safetensors", **kwargs)
+    assert sorted(calls) == ["load", "load_dataset"]  # the model and the data set are loaded once each
+    standalone = cqf.evaluate.evaluate_checkpoint(tmp_path / "run" / "model.safetensors", num_importance=3,
+                                                  max_images=50, progress=False)
+    assert standalone == first["bits_per_dim"]
     protocol = first["protocol"]
     assert protocol["generated"]["num_images"] == 200 and len(protocol["generated"]["sha256"]) == 64
     assert protocol["generated"]["seed"] == 0 and protocol["generated"]["variant"] == "VAE-F"

@@ -140,6 +140,14 @@ def evaluate_checkpoint(
     if not getattr(model, "has_density", False) and gan_bpd_steps <= 0:
         raise CQFError(f"{path} is a GAN and has no density; add --gan-bpd for the approximate bits/dim bound")
     data = load_dataset(data_override or cfg.data.name, cfg.data.root, cfg.data.val_size)
+    return model_bits_per_dim(model, data, path, split, num_importance, device, max_images, progress, gan_bpd_steps)
+
+
+def model_bits_per_dim(model: nn.Module, data, path: str | Path, split: str = "test", num_importance: int = 100,
+                       device: str = "cpu", max_images: int = 0, progress: bool = True,
+                       gan_bpd_steps: int = 0) -> dict:
+    """`evaluate_checkpoint` for a model and data set already loaded (from the checkpoint at `path`)."""
+    cfg = model.config
     if data.image_shape != model.image_shape or data.levels != model.levels:
         raise CQFError(
             f"data set {data.name} has images {data.image_shape} with {data.levels} levels but the model was "
@@ -449,8 +457,8 @@ def evaluate(
                            f"has {data.image_shape} with {data.levels}; evaluate on its own data set")
         result["protocol"]["generated"] |= {"sha256": sha256_file(source), "variant": model.config.variant}
         if "bpd" in metrics_wanted:
-            result["bits_per_dim"] = evaluate_checkpoint(source, bpd_split, num_importance, device, name, max_images,
-                                                         progress, gan_bpd_steps) if (
+            result["bits_per_dim"] = model_bits_per_dim(model, data, source, bpd_split, num_importance, device,
+                                                        max_images, progress, gan_bpd_steps) if (
                 model.has_density or gan_bpd_steps > 0) else None
             if result["bits_per_dim"] is None:
                 result["unavailable"]["bpd"] = "a GAN has no density: add --gan-bpd for the approximate bound"
