@@ -7,7 +7,8 @@ with Inception features on another machine (`cqf eval samples.npz --data ...`).
 
     python benchmarks/device_cifar10.py --pack ../shared/data/cifar10.npz --train 24000 --test 2000 --to .devdata/c10.xz
     PYTHONPATH=src python benchmarks/device_cifar10.py --data .devdata/c10.xz --minutes 1.2 --out $OUT
-    PYTHONPATH=src python benchmarks/device_cifar10.py --data .devdata/c10.xz --minutes 6 --seeds 2 --parallel --out $OUT
+    PYTHONPATH=src python benchmarks/device_cifar10.py --data .devdata/c10.xz --minutes 6 --seeds 2 --parallel \\
+        --out $OUT
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ def unpack(path: Path, out: Path) -> Path:
 
 def train_one(variant: str, seed: int, npz: Path, args, out: Path, extra: list[str] = ()) -> dict:
     """Train one variant for `args.minutes`, then its bits/dim and `args.num_samples` samples (uint8 NHWC .npz)."""
-    import torch
-
     from cqf import config as cqf_config
     from cqf.data import load_dataset
     from cqf.evaluate import bits_per_dim, gan_bits_per_dim, sample_images
@@ -122,9 +121,9 @@ def run(args) -> None:
             cmd += [a for o in [*args.overrides, *extra] for a in ("--set", o)]
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
         codes = [p.wait() for p in procs]
-        summary["exit_codes"] = {name: c for (_, _, name, _), c in zip(jobs, codes)}
+        summary["exit_codes"] = {name: c for (_, _, name, _), c in zip(jobs, codes, strict=True)}
         summary["failed_logs"] = {name: (parts / f"{name}.log").read_text()[-2000:]
-                                  for (_, _, name, _), c in zip(jobs, codes) if c != 0}
+                                  for (_, _, name, _), c in zip(jobs, codes, strict=True) if c != 0}
     else:
         for v, s, name, extra in jobs:
             train_one(v, s, npz, args, parts / name, extra)
