@@ -1,0 +1,141 @@
+"""Table 1 from the output of `device_cifar10.py`: sample metrics through `cqf eval`, mean ± std over seeds.
+
+`device_cifar10.py` brings back, per variant (or named job), a samples-NAME.npz with one key per seed and a
+summary.json with steps, throughput and bits/dim. This script scores every sample set with `cqf eval` (the
+same protocol as any other source: TF-Inception features against a fixed subset of the training split; the
+reference features are computed once and cached), then writes the Markdown table, a BPD-FID plot with one
+point per run and a side-by-side sample panel.
+
+    python benchmarks/device_table.py DEVICE_OUT --data npz:../shared/data/cifar10.npz \\
+        --inception-weights pt_inception-2015-12-05-pool3.pth --out runs/cifar10-gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from table1 import COLUMNS, fmt
+
+
+def evaluate(samples: Path, key: str, out: Path, args) -> dict:
+    """`cqf eval` of one sample set (skipped when its JSON exists: the evaluation is resumable)."""
+    if not out.exists():
+        command = [sys.executable, "-m", "cqf", "eval", str(samples), "--npz-key", key, "--data", args.data,
+                   "--num-samples", str(args.num_samples), "--num-reference", str(args.num_reference),
+                   "--metrics", "fid,kid,pr,dc", "--json", str(out), "--cache-dir", str(args.out / "feature-cache")]
+        if args.inception_weights:
+            command += ["--inception-weights", args.inception_weights]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def locate_samples(folder: Path, run_name: str, run: dict) -> tuple[str, str]:
+    """(group, key): samples-GROUP.npz holds this run's samples under KEY (s<seed>)."""
+    key = f"s{run['seed']}"
+    if (folder / f"samples-{run_name}.npz").exists():  # a named job
+        return run_name, key
+    return run_name.rsplit("-s", 1)[0], key  # variant-s<seed>: one file per variant
+
+
+def sample_panel(out: Path, samples: dict[str, np.ndarray], num: int = 36) -> Path:
+    """A 6x6 grid of the first samples of each run, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from torchvision.utils import make_grid
+
+    fig, axes = plt.subplots(1, len(samples), figsize=(3 * len(samples), 3.3), dpi=120)
+    for ax, (name, x) in zip(np.atleast_1d(axes), samples.items(), strict=True):
+        grid = make_grid(torch.from_numpy(x[:num]).permute(0, 3, 1, 2).float() / 255, nrow=6, padding=1,
+                         pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_title(name)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def bpd_fid_plot(out: Path, points: list[tuple[str, float, float, bool]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for label, bpd, fid, approximate in points:
+        ax.scatter(bpd, fid, marker="x" if approximate else "o")
+        ax.annotate(label, (bpd, fid), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("bits/dim (test ELBO; x = approximate bound)")
+    ax.set_ylabel("FID")
+    ax.set_title("coverage (BPD) vs quality (FID): lower-left is better")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("device_out", type=Path, nargs="+", help="folders written by device_cifar10.py")
+    parser.add_argument("--data", required=True, help="reference data set, e.g. npz:../shared/data/cifar10.npz")
+    parser.add_argument("--inception-weights", default=None)
+    parser.add_argument("--num-samples", type=int, default=2048)
+    parser.add_argument("--num-reference", type=int, default=5000)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rows, first_samples, points, protocol = {}, {}, [], None
+    for folder in args.device_out:
+        summary = json.loads((folder / "summary.json").read_text())
+        for run_name, run in summary["runs"].items():
+            group, key = locate_samples(folder, run_name, run)
+            samples = folder / f"samples-{group}.npz"
+            e = evaluate(samples, key, args.out / f"eval-{folder.name}-{group}-{key}.json", args)
+            protocol = protocol or e["protocol"]
+            m, bpd = e["metrics"], run["bpd"]
+            label = run["variant"] if group.upper() == run["variant"] else f"{run['variant']} ({group})"
+            row = rows.setdefault(label, {key: [] for key, _ in COLUMNS} | {"steps": [], "images_per_s": []})
+            for key, value in [("bpd", bpd["bpd_elbo"]), ("bpd_iwae", bpd.get("bpd_iwae")), ("fid", m.get("fid")),
+                               ("kid", m.get("kid_mean")), ("precision", m.get("precision")),
+                               ("recall", m.get("recall")), ("density", m.get("density")),
+                               ("coverage", m.get("coverage")), ("steps", run["steps"]),
+                               ("images_per_s", run["images_per_s"])]:
+                row[key].append(value)
+            row["approximate"] = bool(bpd.get("approximate"))
+            points.append((f"{label} {key}", bpd["bpd_elbo"], m["fid"], row["approximate"]))
+            if label not in first_samples:
+                first_samples[label] = np.load(samples)[key]
+
+    lines = [f"| run | seeds | steps | images/s | {' | '.join(label for _, label in COLUMNS)} |",
+             "|" + "---|" * (len(COLUMNS) + 4)]
+    for label, row in rows.items():
+        cells = [fmt(row[key], 4 if key == "kid" else 3) + (" (*)" if key.startswith("bpd") and row["approximate"]
+                                                            else "") for key, _ in COLUMNS]
+        lines.append(f"| {label} | {len(row['steps'])} | {fmt(row['steps'], 0)} | {fmt(row['images_per_s'], 0)} | "
+                     + " | ".join(cells) + " |")
+    reference, extractor = protocol["reference"], protocol["extractor"]
+    lines += ["", (f"{protocol['generated']['num_images']} samples per run vs {reference['num_images']} "
+                   f"{reference['data']} {reference['split']} images, features {extractor['name']} "
+                   f"(sha256 {extractor['weights_sha256'][:12]}); mean ± std over seeds. (*) GAN: approximate bound.")]
+    table = "\n".join(lines)
+    (args.out / "table.md").write_text(table + "\n")
+    bpd_fid_plot(args.out / "bpd_fid.png", points)
+    sample_panel(args.out / "samples.png", first_samples)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
