@@ -19,9 +19,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from cqf.report import bpd_fid_plot
 
 sys.path.insert(0, str(Path(__file__).parent))
-from table1 import COLUMNS, fmt
+from table1 import COLUMNS, fmt, image_panel
 
 
 def evaluate(samples: Path, key: str, out: Path, args) -> dict:
@@ -43,47 +46,6 @@ def locate_samples(folder: Path, run_name: str, run: dict) -> tuple[str, str]:
     if (folder / f"samples-{run_name}.npz").exists():  # a named job
         return run_name, key
     return run_name.rsplit("-s", 1)[0], key  # variant-s<seed>: one file per variant
-
-
-def sample_panel(out: Path, samples: dict[str, np.ndarray], num: int = 36) -> Path:
-    """A 6x6 grid of the first samples of each run, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-    from torchvision.utils import make_grid
-
-    fig, axes = plt.subplots(1, len(samples), figsize=(3 * len(samples), 3.3), dpi=120)
-    for ax, (name, x) in zip(np.atleast_1d(axes), samples.items(), strict=True):
-        grid = make_grid(torch.from_numpy(x[:num]).permute(0, 3, 1, 2).float() / 255, nrow=6, padding=1,
-                         pad_value=1.0)
-        ax.imshow(grid.permute(1, 2, 0).numpy())
-        ax.set_title(name)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
-def bpd_fid_plot(out: Path, points: list[tuple[str, float, float, bool]]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for label, bpd, fid, approximate in points:
-        ax.scatter(bpd, fid, marker="x" if approximate else "o")
-        ax.annotate(label, (bpd, fid), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("bits/dim (test ELBO; x = approximate bound)")
-    ax.set_ylabel("FID")
-    ax.set_title("coverage (BPD) vs quality (FID): lower-left is better")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
 
 
 def main() -> None:
@@ -117,7 +79,7 @@ def main() -> None:
             row["approximate"] = bool(bpd.get("approximate"))
             points.append((f"{label} {key}", bpd["bpd_elbo"], m["fid"], row["approximate"]))
             if label not in first_samples:
-                first_samples[label] = np.load(samples)[key]
+                first_samples[label] = torch.from_numpy(np.load(samples)[key]).permute(0, 3, 1, 2)
 
     lines = [f"| run | seeds | steps | images/s | {' | '.join(label for _, label in COLUMNS)} |",
              "|" + "---|" * (len(COLUMNS) + 4)]
@@ -133,7 +95,7 @@ def main() -> None:
     table = "\n".join(lines)
     (args.out / "table.md").write_text(table + "\n")
     bpd_fid_plot(args.out / "bpd_fid.png", points)
-    sample_panel(args.out / "samples.png", first_samples)
+    image_panel(args.out / "samples.png", first_samples)
     print(table)
 
 

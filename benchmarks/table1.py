@@ -61,28 +61,33 @@ def fmt(values: list[float | None], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def sample_panel(out: Path, run_dirs: dict[str, Path], seed: int = 0, num: int = 36) -> Path:
-    """One figure: a 6x6 sample grid per variant, side by side, from the same latent seed."""
+def image_panel(out: Path, images: dict, num: int = 36) -> Path:
+    """One figure: a 6x6 grid of the first `num` uint8 images (N, C, H, W) of each entry, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
-    import cqf
-    from cqf.evaluate import sample_images
-
-    fig, axes = plt.subplots(1, len(run_dirs), figsize=(3 * len(run_dirs), 3.3), dpi=120)
-    for ax, (variant, run_dir) in zip(axes, run_dirs.items(), strict=True):
-        images = sample_images(cqf.load(run_dir / "model.safetensors"), num, seed=seed)
-        grid = make_grid(images.float() / 255, nrow=6, padding=1, pad_value=1.0)
-        ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), cmap="gray" if images.shape[1] == 1 else None)
-        ax.set_title(variant.upper())
+    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.3), dpi=120, squeeze=False)
+    for ax, (title, x) in zip(axes[0], images.items(), strict=True):
+        grid = make_grid(x[:num].float() / 255, nrow=6, padding=1, pad_value=1.0)
+        ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), cmap="gray" if x.shape[1] == 1 else None)
+        ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def sample_panel(out: Path, run_dirs: dict[str, Path], seed: int = 0, num: int = 36) -> Path:
+    """Samples of each run from the same latent seed, side by side."""
+    import cqf
+    from cqf.evaluate import sample_images
+
+    return image_panel(out, {variant.upper(): sample_images(cqf.load(run_dir / "model.safetensors"), num, seed=seed)
+                             for variant, run_dir in run_dirs.items()}, num)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import CQFError
 
-__all__ = ["collect", "markdown_table", "write_report"]
+__all__ = ["bpd_fid_plot", "collect", "markdown_table", "write_report"]
 
 COLUMNS = [("variant", "variant"), ("bpd", "BPD"), ("bpd_iwae", "BPD IWAE"), ("is", "IS"), ("fid", "FID"),
            ("kid", "KID"), ("precision", "precision"), ("recall", "recall"), ("density", "density"),
@@ -60,29 +60,34 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dirs: list[Path], out: Path) -> tuple[str, Path]:
-    """report.md and bpd_fid.png (one labelled point per run with both numbers) in `out`."""
+def bpd_fid_plot(out: Path, points: list[tuple[str, float, float, bool]]) -> Path:
+    """BPD against FID, one labelled point per (label, bpd, fid, bpd_is_approximate); x marks approximate BPD."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for label, bpd, fid, approximate in points:
+        ax.scatter(bpd, fid, marker="x" if approximate else "o")
+        ax.annotate(label, (bpd, fid), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("bits/dim (test ELBO; x = approximate)")
+    ax.set_ylabel("FID")
+    ax.set_title("coverage (BPD) vs quality (FID): lower-left is better")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_report(run_dirs: list[Path], out: Path) -> tuple[str, Path]:
+    """report.md and bpd_fid.png (one labelled point per run with both numbers) in `out`."""
     rows = [collect(r) for r in run_dirs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     (out / "report.md").write_text(table + "\n")
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for row in rows:
-        if row.get("bpd") is not None and row.get("fid") is not None:
-            ax.scatter(row["bpd"], row["fid"], marker="x" if row.get("bpd_approximate") else "o")
-            ax.annotate(f"{row.get('variant') or row['run']}", (row["bpd"], row["fid"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("bits/dim (test ELBO; x = approximate)")
-    ax.set_ylabel("FID")
-    ax.set_title("coverage (BPD) vs quality (FID): lower-left is better")
-    fig.tight_layout()
-    plot = out / "bpd_fid.png"
-    fig.savefig(plot)
-    plt.close(fig)
+    plot = bpd_fid_plot(out / "bpd_fid.png", [(row.get("variant") or row["run"], row["bpd"], row["fid"],
+                                               bool(row.get("bpd_approximate"))) for row in rows
+                                              if row.get("bpd") is not None and row.get("fid") is not None])
     return table, plot
