@@ -27,6 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from table1 import COLUMNS, fmt, image_panel
 
 
+DIGITS = {"fid": 1, "kid": 4, "recall": 4, "coverage": 4}  # decimals shown per column (default 3)
+
+
 def evaluate(samples: Path, key: str, out: Path, args) -> dict:
     """`cqf eval` of one sample set (skipped when its JSON exists: the evaluation is resumable)."""
     if not out.exists():
@@ -69,13 +72,13 @@ def main() -> None:
             protocol = protocol or e["protocol"]
             m, bpd = e["metrics"], run["bpd"]
             label = run["variant"] if group.upper() == run["variant"] else f"{run['variant']} ({group})"
-            row = rows.setdefault(label, {key: [] for key, _ in COLUMNS} | {"steps": [], "images_per_s": []})
-            for key, value in [("bpd", bpd["bpd_elbo"]), ("bpd_iwae", bpd.get("bpd_iwae")), ("fid", m.get("fid")),
+            row = rows.setdefault(label, {column: [] for column, _ in COLUMNS} | {"steps": [], "images_per_s": []})
+            for column, value in [("bpd", bpd["bpd_elbo"]), ("bpd_iwae", bpd.get("bpd_iwae")), ("fid", m.get("fid")),
                                ("kid", m.get("kid_mean")), ("precision", m.get("precision")),
                                ("recall", m.get("recall")), ("density", m.get("density")),
                                ("coverage", m.get("coverage")), ("steps", run["steps"]),
                                ("images_per_s", run["images_per_s"])]:
-                row[key].append(value)
+                row[column].append(value)
             row["approximate"] = bool(bpd.get("approximate"))
             points.append((f"{label} {key}", bpd["bpd_elbo"], m["fid"], row["approximate"]))
             if label not in first_samples:
@@ -84,8 +87,8 @@ def main() -> None:
     lines = [f"| run | seeds | steps | images/s | {' | '.join(label for _, label in COLUMNS)} |",
              "|" + "---|" * (len(COLUMNS) + 4)]
     for label, row in rows.items():
-        cells = [fmt(row[key], 4 if key == "kid" else 3) + (" (*)" if key.startswith("bpd") and row["approximate"]
-                                                            else "") for key, _ in COLUMNS]
+        cells = [fmt(row[key], DIGITS.get(key, 3)) + (" (*)" if key.startswith("bpd") and row["approximate"] else "")
+                 for key, _ in COLUMNS]
         lines.append(f"| {label} | {len(row['steps'])} | {fmt(row['steps'], 0)} | {fmt(row['images_per_s'], 0)} | "
                      + " | ".join(cells) + " |")
     reference, extractor = protocol["reference"], protocol["extractor"]
