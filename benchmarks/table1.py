@@ -3,7 +3,8 @@
 Every model is trained and evaluated through the `cqf` command line (the same code a user runs), so the table
 is what the software gives. Runs go two at a time with one CPU thread each, so every run sees the same
 conditions; results are written as a Markdown table (mean ± std over seeds), a BPD-FID plot and a
-side-by-side sample grid.
+side-by-side sample grid. Runs that finished earlier in `--out` (a model.safetensors, an eval.json) are kept, so
+raising `--seeds` trains and evaluates only the new seeds.
 
 Example (this machine: 2 CPU cores):
     python benchmarks/table1.py --configs mnist --data npz:../shared/data/mnist.npz --minutes 12 --seeds 1 \\
@@ -117,6 +118,8 @@ def main() -> None:
     if not args.skip_train:
         commands, logs = [], []
         for (variant, seed), run_dir in runs.items():
+            if (run_dir / "model.safetensors").exists():  # finished earlier (seed 0 before adding seeds): keep it
+                continue
             command = cqf_cmd + ["train", f"{args.configs}-{variant}", "--out", str(run_dir), "--quiet",
                                  "--set", f"train.minutes={args.minutes}", "--set", "train.steps=10000000",
                                  "--set", f"seed={seed}", "--set", "train.num_threads=1",
@@ -131,6 +134,8 @@ def main() -> None:
 
     commands, logs = [], []
     for (variant, seed), run_dir in runs.items():
+        if (run_dir / "eval.json").exists():
+            continue
         command = cqf_cmd + ["eval", str(run_dir / "model.safetensors"), "--features", args.features,
                              "--num-samples", str(args.num_samples), "--num-reference", str(args.num_reference),
                              "-k", str(args.iw_samples), "--json", str(run_dir / "eval.json"), "--seed", str(seed),
