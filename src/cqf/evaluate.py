@@ -140,19 +140,19 @@ def evaluate_checkpoint(
     if not getattr(model, "has_density", False) and gan_bpd_steps <= 0:
         raise CQFError(f"{path} is a GAN and has no density; add --gan-bpd for the approximate bits/dim bound")
     data = load_dataset(data_override or cfg.data.name, cfg.data.root, cfg.data.val_size)
+    if data.image_shape != model.image_shape or data.levels != model.levels:
+        raise CQFError(
+            f"data set {data.name} has images {data.image_shape} with {data.levels} levels but the model was "
+            f"trained on {model.image_shape} with {model.levels}; evaluate on its own data set"
+        )
     return model_bits_per_dim(model, data, path, split, num_importance, device, max_images, progress, gan_bpd_steps)
 
 
 def model_bits_per_dim(model: nn.Module, data, path: str | Path, split: str = "test", num_importance: int = 100,
                        device: str = "cpu", max_images: int = 0, progress: bool = True,
                        gan_bpd_steps: int = 0) -> dict:
-    """`evaluate_checkpoint` for a model and data set already loaded (from the checkpoint at `path`)."""
+    """`evaluate_checkpoint` for a model and data set already loaded and checked to match (callers check)."""
     cfg = model.config
-    if data.image_shape != model.image_shape or data.levels != model.levels:
-        raise CQFError(
-            f"data set {data.name} has images {data.image_shape} with {data.levels} levels but the model was "
-            f"trained on {model.image_shape} with {model.levels}; evaluate on its own data set"
-        )
     x_int, _ = data.split(split)
     if max_images > 0:
         x_int = x_int[:max_images]
