@@ -57,7 +57,8 @@ def train_one(variant: str, seed: int, npz: Path, args, out: Path, extra: list[s
     """Train one variant for `args.minutes`, then its bits/dim and `args.num_samples` samples (uint8 NHWC .npz)."""
     from cqf import config as cqf_config
     from cqf.data import load_dataset
-    from cqf.evaluate import bits_per_dim, gan_bits_per_dim, sample_images
+    from cqf.likelihood import bits_per_dim, gan_bits_per_dim
+    from cqf.quality import sample_images
     from cqf.train import train
 
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,7 @@ def train_one(variant: str, seed: int, npz: Path, args, out: Path, extra: list[s
     device = next(model.parameters()).device
     t = time.time()
     if variant == "gan":
-        bpd = gan_bits_per_dim(model, data.x_train, data.x_test, steps=args.gan_bpd_steps,
+        bpd = gan_bits_per_dim(model, cfg.model, data.x_train, data.x_test, steps=args.gan_bpd_steps,
                                num_importance=args.iw_samples, device=device)
     else:
         bpd = bits_per_dim(model, data.x_test, data.levels, args.iw_samples, device=device)

@@ -46,11 +46,12 @@ def main() -> None:
 
     from cqf.config import DataConfig
     from cqf.data import load_dataset
-    from cqf.evaluate import ImagesDataset, _fixed_subset, load_npz_images
+    from cqf.images import ImagesDataset, load_npz_images
+    from cqf.quality import fixed_subset
 
     data = load_dataset(f"npz:{args.data}", val_size=DataConfig().val_size)  # the training split cqf uses
-    generated = _fixed_subset(load_npz_images(args.data, "x_test"), args.num)
-    reference = _fixed_subset(data.x_train, args.num)
+    generated = fixed_subset(load_npz_images(args.data, "x_test"), args.num)
+    reference = fixed_subset(data.x_train, args.num)
     start = time.time()
     cache = args.out / "tf-cache"
     # The extractor is named because torch-fidelity's default puts precision/recall on VGG-16 features (a second

@@ -85,7 +85,7 @@ def image_panel(out: Path, images: dict, num: int = 36) -> Path:
 def sample_panel(out: Path, run_dirs: dict[str, Path], seed: int = 0, num: int = 36) -> Path:
     """Samples of each run from the same latent seed, side by side."""
     import cqf
-    from cqf.evaluate import sample_images
+    from cqf.quality import sample_images
 
     return image_panel(out, {variant.upper(): sample_images(cqf.load(run_dir / "model.safetensors"), num, seed=seed)
                              for variant, run_dir in run_dirs.items()}, num)
@@ -136,7 +136,8 @@ def main() -> None:
     for (variant, seed), run_dir in runs.items():
         if (run_dir / "eval.json").exists():
             continue
-        command = cqf_cmd + ["eval", str(run_dir / "model.safetensors"), "--features", args.features,
+        command = cqf_cmd + ["eval", str(run_dir / "model.safetensors"), "--metrics", "all",
+                             "--features", args.features,
                              "--num-samples", str(args.num_samples), "--num-reference", str(args.num_reference),
                              "-k", str(args.iw_samples), "--json", str(run_dir / "eval.json"), "--seed", str(seed),
                              "--cache-dir", str(args.out / "feature-cache")]

@@ -5,13 +5,17 @@ import json
 
 import pytest
 import torch
+from torch.distributions import Normal
 
 from cqf import config as cqf_config
+from cqf import losses
 from cqf.config import Config, ModelConfig, TrainConfig
 from cqf.data import ImageData, dequantize
-from cqf.evaluate import gan_bits_per_dim
-from cqf.models import Generator, build_model
-from cqf.train import build_discriminator, discriminator_step, generator_step, train
+from cqf.likelihood import gan_bits_per_dim
+from cqf.models import Generator, build_model, gan_density_model
+from cqf.run import build_discriminator
+from cqf.step import discriminator_step, generator_step
+from cqf.train import train
 
 from .conftest import tiny_config
 
@@ -36,7 +40,7 @@ def variant_config(name: str) -> Config:
 
 def build(name: str):
     cfg = variant_config(name)
-    model = build_model(cfg.model, SHAPE, 17, gan=cfg.train.coverage_weight == 0)
+    model = build_model(cfg.model, SHAPE, 17, gan=cfg.is_gan)
     if not isinstance(model, Generator):
         model.elbo(torch.rand(16, *SHAPE) * 2 - 1)  # ActNorm init
         with torch.no_grad():  # move the zero-initialised coupling outputs off zero: routing must be visible
@@ -124,14 +128,33 @@ def test_every_bundled_config_builds_and_runs_one_step(tmp_path, name):
     assert (tmp_path / "ckpt-0000001.pt").exists()
 
 
-def test_gan_bits_per_dim_is_a_finite_bound_and_leaves_the_generator_alone(digits):
-    generator = build_model(ModelConfig(latent_dim=4, channels=8), SHAPE, 17, gan=True)
+def test_gan_bound_finds_the_closed_form_sigma_and_leaves_the_generator_alone(digits):
+    """G(z) = 0 for every z: then p(x|z) = N(x; 0, sigma^2 I) does not depend on z, the best sigma is the RMS
+    of the training images, and the best bound is ln N(x; 0, sigma^2 I) itself (the encoder can match the prior)."""
+    cfg = ModelConfig(latent_dim=4, channels=8)
+    generator = build_model(cfg, SHAPE, 17, gan=True)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.zero_()
     before = {k: v.clone() for k, v in generator.state_dict().items()}
-    result = gan_bits_per_dim(generator, digits.x_train, digits.x_test[:30], steps=20, batch_size=16,
-                              num_importance=4, channels=8)
-    assert result["approximate"] and torch.isfinite(torch.tensor([result["bpd_elbo"], result["bpd_iwae"]])).all()
-    assert result["sigma"] >= 1 / 17
+    result = gan_bits_per_dim(generator, cfg, digits.x_train, digits.x_test, steps=400, batch_size=64, lr=1e-2,
+                              num_importance=50)
     assert all(torch.equal(v, generator.state_dict()[k]) for k, v in before.items())
+    assert result["approximate"]
+    rms = dequantize(digits.x_train, 17).square().mean().sqrt().item()
+    assert result["sigma"] == pytest.approx(rms, rel=0.01)
+    x_test = dequantize(digits.x_test, 17)
+    closed_form = losses.bits_per_dim(Normal(0.0, rms).log_prob(x_test).flatten(1).sum(1), 64, 17).mean().item()
+    assert result["bpd_iwae"] == pytest.approx(closed_form, abs=0.005)
+    assert result["bpd_iwae"] <= result["bpd_elbo"] + 1e-9
+
+
+def test_gan_bound_uses_the_encoder_of_the_density_models():
+    """The approximate bound must not be loosened by a smaller encoder than the hybrids' of the same config."""
+    cfg = ModelConfig(latent_dim=4, channels=8)
+    fitted = gan_density_model(build_model(cfg, SHAPE, 17, gan=True), cfg).encoder.state_dict()
+    density = build_model(cfg, SHAPE, 17).encoder.state_dict()
+    assert {k: v.shape for k, v in fitted.items()} == {k: v.shape for k, v in density.items()}
 
 
 def test_gan_ignores_the_hybrid_warmup(tmp_path, digits):

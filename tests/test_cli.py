@@ -73,7 +73,8 @@ def test_train_sample_eval_end_to_end(capsys, tmp_path):
 
     # N PNG files that other tools read, identical to the in-memory samples
     from cqf import load
-    from cqf.evaluate import load_image_folder, sample_images
+    from cqf.images import load_image_folder
+    from cqf.quality import sample_images
 
     main(["sample", str(run / "model.safetensors"), "-n", "5", "--out", str(tmp_path / "pngs"), "--seed", "3"])
     files = sorted((tmp_path / "pngs").glob("*.png"))

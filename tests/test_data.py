@@ -14,8 +14,25 @@ def test_digits_are_embedded_with_17_levels(digits):
     assert len(digits.x_train) + len(digits.x_val) + len(digits.x_test) == 1797
     assert len(digits.x_val) == 40
     assert digits.x_train.dtype == torch.uint8 and int(digits.x_train.max()) == 16
-    # no image index is shared between splits: the held-out slice is disjoint from train
-    assert len(digits.y_test) == len(digits.x_test)
+
+
+def test_digits_splits_partition_the_data_set(digits):
+    """train, val and test together are scikit-learn's 1,797 digits, each image exactly once (as a multiset of
+    (image, label): the data set holds a few duplicate images), with the fixed 20% test split."""
+    from collections import Counter
+
+    from sklearn.datasets import load_digits
+
+    def items(x, y):
+        pairs = zip(x, y, strict=True)
+        return Counter((image.numpy().astype(np.uint8).tobytes(), int(label)) for image, label in pairs)
+
+    full = load_digits()
+    expected = items(torch.from_numpy(full.images)[:, None], torch.from_numpy(full.target))
+    ours = (items(digits.x_train, digits.y_train) + items(digits.x_val, digits.y_val)
+            + items(digits.x_test, digits.y_test))
+    assert ours == expected
+    assert len(digits.x_test) == 1797 // 5 and len(digits.x_val) == 40
 
 
 def _write_npz(path, x_train, x_test, **extra):

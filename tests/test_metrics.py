@@ -9,8 +9,11 @@ import torch
 from scipy.linalg import hadamard
 
 from cqf import metrics
-from cqf.evaluate import ImagesDataset, evaluate, format_table
-from cqf.features import ClassifierExtractor, extract, levels_to_uint8, make_extractor
+from cqf.data import levels_to_uint8
+from cqf.evaluate import evaluate
+from cqf.features import ClassifierExtractor, extract, make_extractor
+from cqf.images import ImagesDataset
+from cqf.report import format_table
 
 from .conftest import tiny_config
 
@@ -34,6 +37,20 @@ def test_fid_of_gaussian_feature_sets_matches_the_closed_form():
     scale = num / (num - 1)  # unbiased covariance
     expected = (mu1 - mu2).square().sum() + scale * (s1 - s2).square().sum()
     assert metrics.fid(a, b) == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_fid_needs_more_images_than_feature_dimensions():
+    """At N = F images the F x F covariance has rank F - 1: singular, so FID is refused, and allowed at F + 1."""
+    from cqf.quality import feature_metrics
+
+    class Extractor:
+        feature_key, logits_key = "f", None
+
+    dims = 16
+    at_limit = feature_metrics({"f": torch.randn(dims, dims)}, {"f": torch.randn(50, dims)}, Extractor, ("fid",))
+    assert at_limit["metrics"] == {} and "more images than feature dimensions" in at_limit["unavailable"]["fid"]
+    above = feature_metrics({"f": torch.randn(dims + 1, dims)}, {"f": torch.randn(50, dims)}, Extractor, ("fid",))
+    assert "fid" in above["metrics"] and not above["unavailable"]
 
 
 def test_precision_recall_density_coverage_extremes():
@@ -89,15 +106,15 @@ def test_fid_kid_precision_recall_equal_torch_fidelity(tmp_path, random_classifi
     torch.set_default_dtype(torch.float32)
     generated = 16 - digits.x_test[:300]  # inverted digits: clearly unlike the reference
     np.savez(tmp_path / "gen.npz", x=levels_to_uint8(generated, 17)[:, 0].numpy())  # NHW uint8 0..255
-    ours = evaluate(tmp_path / "gen.npz", data_name="digits", metrics_wanted=("fid", "kid", "pr"),
+    ours = evaluate(tmp_path / "gen.npz", data="digits", metrics=("fid", "kid", "pr"),
                     features=f"classifier:{random_classifier}", num_samples=300, num_reference=500, progress=False)
     # image files are 0..255; the evaluator maps the reference's 17 levels to 0..255 the same way
     from cqf.config import DataConfig
     from cqf.data import load_dataset
-    from cqf.evaluate import _fixed_subset
+    from cqf.quality import fixed_subset
 
     x_train = load_dataset("digits", val_size=DataConfig().val_size).x_train
-    ref = levels_to_uint8(_fixed_subset(x_train, 500), 17)
+    ref = levels_to_uint8(fixed_subset(x_train, 500), 17)
     theirs = torch_fidelity.calculate_metrics(
         input1=ImagesDataset(levels_to_uint8(generated, 17)), input2=ImagesDataset(ref), cuda=False, fid=True, kid=True,
         prc=True, feature_extractor="cqf-classifier", feature_extractor_weights_path=str(random_classifier),
@@ -117,18 +134,17 @@ def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digi
 
     torch.set_default_dtype(torch.float32)
     train(tiny_config(steps=2, eval_iw_samples=0), tmp_path / "run", data=digits, progress=False)
-    kwargs = dict(metrics_wanted=("bpd", "fid", "kid", "is", "pr", "dc"), features=f"classifier:{random_classifier}",
-                  num_samples=200, num_reference=300, num_importance=3, max_images=50, cache_dir=tmp_path / "cache",
-                  neighbours=tmp_path / "nn.png", progress=False)
+    kwargs = dict(metrics=("bpd", "fid", "kid", "is", "pr", "dc"), features=f"classifier:{random_classifier}",
+                  num_samples=200, num_reference=300, iw_samples=3, max_images=50, cache_dir=str(tmp_path / "cache"),
+                  neighbours=str(tmp_path / "nn.png"), progress=False)
     calls = []
-    for module, name in [(cqf.checkpoint, "load"), (cqf.evaluate, "load_dataset")]:
+    for module, name in [(cqf.evaluate, "load"), (cqf.evaluate, "load_dataset")]:
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     first = evaluate(tmp_path / "run" / "model.safetensors", **kwargs)
     assert sorted(calls) == ["load", "load_dataset"]  # the model and the data set are loaded once each
-    standalone = cqf.evaluate.evaluate_checkpoint(tmp_path / "run" / "model.safetensors", num_importance=3,
-                                                  max_images=50, progress=False)
-    assert standalone == first["bits_per_dim"]
+    bpd_only = evaluate(tmp_path / "run" / "model.safetensors", **(kwargs | {"metrics": ("bpd",)}))
+    assert bpd_only["bits_per_dim"] == first["bits_per_dim"]
     protocol = first["protocol"]
     assert protocol["generated"]["num_images"] == 200 and len(protocol["generated"]["sha256"]) == 64
     assert protocol["generated"]["seed"] == 0 and protocol["generated"]["variant"] == "VAE-F"
@@ -146,27 +162,58 @@ def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digi
     assert second["metrics"] == first["metrics"]  # same seed, same cache: same numbers
 
 
-def test_offline_inception_fails_clearly_and_other_metrics_still_run(tmp_path, digits, monkeypatch, capsys):
+@pytest.fixture()
+def offline(monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
-    from cqf.cli import main
-    from cqf.train import train
-
-    def offline(*args, **kwargs):
+    def no_network(*args, **kwargs):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
-    monkeypatch.setattr(fe, "FeatureExtractorInceptionV3", offline)
+    monkeypatch.setattr(fe, "FeatureExtractorInceptionV3", no_network)
     monkeypatch.delenv("CQF_INCEPTION_WEIGHTS", raising=False)
+
+
+def test_offline_inception_fails_once_and_other_metrics_still_run(tmp_path, digits, offline, capsys):
+    from cqf.cli import main
+    from cqf.features import INCEPTION_HINT
+    from cqf.train import train
+
     torch.set_default_dtype(torch.float32)
     train(tiny_config(steps=2, eval_iw_samples=0), tmp_path / "run", data=digits, progress=False)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(tmp_path / "run" / "model.safetensors"), "--metrics", "all", "--num-samples", "64",
-              "-k", "2", "--max-images", "20", "--json", str(tmp_path / "e.json")])
+              "-k", "2", "--max-images", "20", "--json", str(tmp_path / "e.json"), "--quiet"])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--inception-weights" in err and "CQF_INCEPTION_WEIGHTS" in err
+    out, err = capsys.readouterr()
+    assert (out + err).count(INCEPTION_HINT) == 1  # one message, not one per metric
+    assert err.strip().splitlines()[-1].startswith("cqf: error: ") and "--inception-weights" in err
     result = json.loads((tmp_path / "e.json").read_text())
     assert math.isfinite(result["bits_per_dim"]["bpd_elbo"]) and "fid" in result["unavailable"]
+
+
+def test_default_metrics_fit_the_data(tmp_path, digits, offline, capsys):
+    """On digits Inception features mean little: by default bits/dim only, and how to get domain features."""
+    from cqf.cli import main
+    from cqf.train import train
+
+    torch.set_default_dtype(torch.float32)
+    train(tiny_config(steps=2, eval_iw_samples=0), tmp_path / "run", data=digits, progress=False)
+    main(["eval", str(tmp_path / "run" / "model.safetensors"), "-k", "2", "--max-images", "20", "--json",
+          str(tmp_path / "e.json"), "--quiet"])  # exits normally: nothing asked for is missing
+    out = capsys.readouterr().out
+    assert out.count("cqf classifier train digits") == 1 and "--features classifier:" in out
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["protocol"]["metrics"] == ["bpd"] and result["metrics"] == {} and not result["unavailable"]
+    assert math.isfinite(result["bits_per_dim"]["bpd_elbo"])
+
+
+def test_default_metrics_by_image_and_features():
+    from cqf.quality import FEATURE_METRICS, default_metrics
+
+    assert default_metrics((3, 32, 32), "inception", True, "cifar10") == (("bpd", *FEATURE_METRICS), "")
+    assert default_metrics((1, 28, 28), "classifier:c.safetensors", True, "mnist")[0] == ("bpd", *FEATURE_METRICS)
+    assert default_metrics((1, 28, 28), "inception", True, "mnist")[0] == ("bpd",)
+    assert default_metrics((1, 28, 28), "inception", False, "mnist")[0] == FEATURE_METRICS  # images: asked for
 
 
 def test_classifier_learns_digits(tmp_path, digits):

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from torch import nn
+from torch.distributions import MultivariateNormal
 
 from cqf import checkpoint, losses
 from cqf.config import ModelConfig
@@ -54,6 +56,71 @@ def test_iwae_bound_is_at_or_below_the_elbo_in_bits_per_dim(model):
     # K = 1 is the ELBO in expectation
     one = torch.stack([model.bits_per_dim(model.log_prob(x, num_importance=1)) for _ in range(20)]).mean()
     torch.testing.assert_close(one, elbo_bpd, atol=0.05, rtol=0)
+
+
+class _Linear(nn.Module):
+    """v -> (v A^T + c reshaped to `shape`, a fixed second output): linear encoders and decoders."""
+
+    def __init__(self, weight, bias, second, shape):
+        super().__init__()
+        self.weight, self.bias, self.second, self.shape = nn.Parameter(weight), nn.Parameter(bias), second, shape
+
+    def forward(self, v):
+        out = (v.flatten(1) @ self.weight.T + self.bias).view(-1, *self.shape)
+        return out, self.second.expand_as(out)
+
+
+def linear_gaussian_vae(encoder_error: float = 0.0):
+    """z ~ N(0, I_4), x = W z + b + sigma eps on 1x8x8 images, W with orthogonal columns, so that
+    p(x) = N(b, W W^T + sigma^2 I) in closed form and the exact posterior is a diagonal Gaussian."""
+    from cqf import flows
+    from cqf.models import FlowGaussian
+
+    dims, latent, sigma, floor = 64, 4, 0.3, 0.01
+    basis, _ = torch.linalg.qr(torch.randn(dims, latent))
+    scales = torch.tensor([2.0, 1.0, 0.7, 0.4])
+    weight, bias = basis * scales, 0.1 * torch.randn(dims)
+    post_var = 1 / (1 + scales**2 / sigma**2)  # (I + W^T W / sigma^2)^-1, diagonal
+    enc_weight = post_var[:, None] * weight.T / sigma**2
+    enc_weight = enc_weight + encoder_error * torch.randn_like(enc_weight)
+    raw = torch.log(torch.expm1(torch.tensor(sigma - floor)))  # sigma = floor + softplus(raw)
+    model = VAE(_Linear(enc_weight, -enc_weight @ bias, 0.5 * post_var.log()[None], (latent,)),
+                _Linear(weight, bias, raw, SHAPE), FlowGaussian(flows.Identity(), floor), latent, SHAPE, 17)
+    marginal = MultivariateNormal(bias, weight @ weight.T + sigma**2 * torch.eye(dims))
+    return model, marginal
+
+
+@pytest.mark.parametrize("k", [1, 5, 30])
+def test_iwae_with_the_exact_posterior_is_the_exact_log_likelihood(k):
+    """With q(z|x) = p(z|x) every importance weight equals p(x): IWAE-K = ln p(x) exactly, for every K."""
+    model, marginal = linear_gaussian_vae()
+    x = marginal.sample((6,)).view(6, *SHAPE)
+    torch.testing.assert_close(model.log_prob(x, num_importance=k), marginal.log_prob(x.flatten(1)),
+                               rtol=0, atol=1e-9)
+
+
+def test_iwae_tightens_towards_the_exact_log_likelihood():
+    model, marginal = linear_gaussian_vae(encoder_error=0.05)
+    x = marginal.sample((32,)).view(32, *SHAPE)
+    exact = marginal.log_prob(x.flatten(1)).mean()
+    gaps = [exact - model.log_prob(x, num_importance=k).mean() for k in (1, 10, 200)]
+    assert gaps[0] > gaps[1] > gaps[2] > -0.01  # a lower bound that tightens with K
+    assert gaps[2] < 0.1 * gaps[0]
+
+
+def test_samples_keep_the_decoder_noise_in_feature_space():
+    """x = f^-1(mu + sigma eps): mapped back through f, samples of one z are N(mu(z), sigma(z)^2) per dimension."""
+    model = make(flow=True)
+    with torch.no_grad():
+        for p in model.flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z = torch.randn(1, model.latent_dim).expand(4000, -1)
+    with torch.no_grad():
+        y, _ = model.flow(model.sample(4000, z=z))
+        mean, raw_scale = model.decoder(z[:1])
+    standardized = (y - mean) / model.likelihood.log_scale(raw_scale).exp()
+    assert standardized.mean().abs() < 0.02
+    assert standardized.std().item() == pytest.approx(1.0, abs=0.02)
 
 
 def test_train_and_eval_mode_agree(model):
@@ -110,7 +177,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path, model, suffix):
         checkpoint.save(path, model=model, config=to_dict(cfg), step=0, **meta)
     else:
         checkpoint.save_safetensors(path, model, cfg, **meta)
-    loaded = checkpoint.load(path)
+    loaded = checkpoint.load(path).model
     assert not loaded.training
     model.eval()
     x = torch.rand(3, *SHAPE) * 2 - 1

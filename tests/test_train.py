@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from cqf import checkpoint, evaluate
+from cqf import checkpoint
 from cqf.errors import CheckpointError, TrainingError
+from cqf.likelihood import bits_per_dim
 from cqf.models import VAE
 from cqf.train import train
 
@@ -26,18 +27,52 @@ def test_run_directory_has_everything(tmp_path, digits):
     assert {"model", "opt_g", "step", "config", "format", "version", "levels", "image_shape"} <= set(payload)
 
 
-def test_resume_is_bitwise_identical(tmp_path, digits):
-    straight = train(tiny_config(steps=6, ckpt_every=100), tmp_path / "a", data=digits, progress=False)
-    train(tiny_config(steps=3, ckpt_every=3), tmp_path / "b", data=digits, progress=False)  # stop halfway...
-    resumed = train(tiny_config(steps=6, ckpt_every=3), tmp_path / "b", data=digits, progress=False)  # ...resume
-    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(p, q), name
+def _states_equal(a, b, where=""):
+    """Recursive torch.equal over nested checkpoint payloads; returns the first differing key or None."""
+    if isinstance(a, torch.Tensor):
+        return None if torch.equal(a, b) else where
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return f"{where}: keys differ"
+        return next((d for k in a if (d := _states_equal(a[k], b[k], f"{where}/{k}"))), None)
+    if isinstance(a, (list, tuple)):
+        return next((d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                     if (d := _states_equal(x, y, f"{where}[{i}]"))), None)
+    return None if a == b else where
+
+
+def test_resume_is_bitwise_identical_with_discriminator_and_ema(tmp_path, digits):
+    """CQ-F with D, both optimizers, EMA and a warm-up that ends after the resume point."""
+    settings = dict(quality_weight=1.0, warmup_steps=2, ema_halflife_kimg=0.1, eval_every=0, sample_every=0)
+    train(tiny_config(steps=6, ckpt_every=100, **settings), tmp_path / "a", data=digits, progress=False)
+    train(tiny_config(steps=3, ckpt_every=3, **settings), tmp_path / "b", data=digits, progress=False)  # stop...
+    train(tiny_config(steps=6, ckpt_every=3, **settings), tmp_path / "b", data=digits, progress=False)  # ...resume
+    straight = torch.load(tmp_path / "a" / "ckpt-0000006.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "b" / "ckpt-0000006.pt", weights_only=True)
+    del straight["config"], resumed["config"]  # they differ in ckpt_every only
+    assert all(straight[k] is not None for k in ("model", "ema", "disc", "opt_g", "opt_d"))
+    assert _states_equal(straight, resumed) is None
+
+
+def test_resume_applies_the_new_learning_rates_and_logs_them(tmp_path, digits):
+    """Lowering train.lr after a divergence must take effect: the optimizer state must not restore the old lr."""
+    settings = dict(quality_weight=1.0, eval_every=0, sample_every=0, ckpt_every=2)
+    train(tiny_config(steps=2, lr=1e-3, **settings), tmp_path, data=digits, progress=False)
+    train(tiny_config(steps=4, lr=1e-4, lr_d=5e-5, betas=(0.5, 0.99), **settings), tmp_path, data=digits,
+          progress=False)
+    payload = torch.load(tmp_path / "ckpt-0000004.pt", weights_only=True)
+    group_g, group_d = payload["opt_g"]["param_groups"][0], payload["opt_d"]["param_groups"][0]
+    assert group_g["lr"] == 1e-4 and tuple(group_g["betas"]) == (0.5, 0.99) and group_d["lr"] == 5e-5
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    changed = next(e["changed"] for e in events if e.get("event") == "resume")
+    assert changed == ["train.betas: (0.9, 0.999) -> (0.5, 0.99)", "train.lr: 0.001 -> 0.0001",
+                       "train.lr_d: 0.0002 -> 5e-05"]
 
 
 def test_evaluation_leaves_weights_untouched(tmp_path, digits):
     model = train(tiny_config(), tmp_path, data=digits, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    evaluate.bits_per_dim(model.train(), digits.x_test[:20], digits.levels, num_importance=3)
+    bits_per_dim(model.train(), digits.x_test[:20], digits.levels, num_importance=3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.training  # mode restored
 

@@ -4,14 +4,17 @@ A VAE whose decoder puts a factorized Gaussian on features y = f(x) of an invert
 trained with the ELBO (coverage) plus an adversarial loss (quality).
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def load(path, device="cpu", weights="auto"):
-    """Load a model from a `ckpt-*.pt` or `model.safetensors` file, in eval mode (see `cqf.checkpoint.load`)."""
+    """The model of a `ckpt-*.pt` or `model.safetensors` file, in eval mode.
+
+    `cqf.checkpoint.load` returns it together with its config and data description.
+    """
     from .checkpoint import load as _load
 
-    return _load(path, device=device, weights=weights)
+    return _load(path, device=device, weights=weights).model
 
 
 __all__ = ["__version__", "load"]

@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="evaluate a checkpoint, image folder or .npz: bits/dim and sample metrics")
     ev.add_argument("source", type=Path, help="ckpt-*.pt / model.safetensors, a folder of PNGs, or an .npz")
-    ev.add_argument("--metrics", default="all", help=f"comma list of {','.join(ALL_METRICS)} or 'all' [all]")
+    ev.add_argument("--metrics", default="", help=f"comma list of {','.join(ALL_METRICS)}, or 'all' [bits/dim "
+                    "for a checkpoint, and the feature metrics where the features fit the images]")
     ev.add_argument("--data", default=None, help="reference data set [the checkpoint's own; required for images]")
     ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="bits/dim split [test]")
     ev.add_argument("--reference", default="train", choices=["train", "test"], help="reference images [train]")
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--cache-dir", type=Path, default=None, help="reference feature cache [$CQF_DATA/features]")
     ev.add_argument("--json", type=Path, default=None, help="results file [eval.json next to a checkpoint]")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.add_argument("--device", default="cpu")
 
     classifier = commands.add_parser("classifier", help="domain classifier for feature metrics on small images")
@@ -93,16 +95,25 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
+    from .config import EvalConfig
     from .data import default_root
-    from .evaluate import evaluate, format_table, write_json
+    from .evaluate import evaluate
+    from .report import format_table, write_json
 
-    wanted = ALL_METRICS if args.metrics == "all" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    result = evaluate(
-        args.source, args.data, wanted, args.split, args.reference, args.num_samples, args.num_reference,
-        args.features, args.inception_weights, args.iw_samples, args.gan_bpd_steps if args.gan_bpd else 0,
-        args.seed, args.batch_size, args.device, args.npz_key, args.neighbours,
-        args.cache_dir or default_root() / "features", args.max_images,
+    if args.metrics == "all":
+        wanted = ALL_METRICS
+    else:
+        wanted = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    config = EvalConfig(
+        data=args.data or "", metrics=wanted, bpd_split=args.split, reference=args.reference,
+        num_samples=args.num_samples, num_reference=args.num_reference, features=args.features,
+        inception_weights=args.inception_weights or "", iw_samples=args.iw_samples,
+        gan_bpd_steps=args.gan_bpd_steps if args.gan_bpd else 0, seed=args.seed, batch_size=args.batch_size,
+        device=args.device, npz_key=args.npz_key or "", neighbours=str(args.neighbours or ""),
+        cache_dir=str(args.cache_dir or default_root() / "features"), max_images=args.max_images,
+        progress=not args.quiet,
     )
+    result = evaluate(args.source, config)
     print(format_table(result))
     path = args.json or (args.source.with_name("eval.json") if args.source.is_file() and
                          args.source.suffix in (".pt", ".safetensors") else Path("eval.json"))
@@ -110,22 +121,24 @@ def _eval(args) -> None:
     print(f"results written to {path}")
     if result.get("error"):  # e.g. no Inception weights offline: the other metrics were still written
         raise CQFError(result["error"])
-    if result["unavailable"] and args.metrics != "all":  # asked for by name, so its absence is an error
+    if result["unavailable"] and wanted:  # asked for by name, so its absence is an error
         metric, why = next(iter(result["unavailable"].items()))
         raise CQFError(f"{metric} unavailable: {why}")
 
 
 def _sample(args) -> None:
     from .checkpoint import load
-    from .evaluate import sample_grid, sample_images, write_image_folder
+    from .images import save_grid, write_image_folder
+    from .quality import sample_images
 
     if args.num < 1:
         raise CQFError(f"-n must be >= 1, got {args.num}")
+    model = load(args.checkpoint, args.device).model
+    images = sample_images(model, args.num, seed=args.seed, device=args.device, progress=args.out.suffix != ".png")
     if args.out.suffix.lower() == ".png":
-        print(f"samples written to {sample_grid(args.checkpoint, args.num, args.out, args.seed, args.device)}")
+        save_grid(images.float() / 255, args.out)  # the same samples as --out DIR would write
+        print(f"samples written to {args.out}")
         return
-    images = sample_images(load(args.checkpoint, args.device), args.num, seed=args.seed, device=args.device,
-                           progress=True)
     print(f"{args.num} PNG files written to {write_image_folder(images, args.out)}")
 
 

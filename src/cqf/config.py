@@ -16,11 +16,33 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "bundled_configs", "from_dict", "load_config"]
+__all__ = [
+    "EVAL_METRICS",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "bundled_configs",
+    "from_dict",
+    "load_config",
+]
 
 
 # Metrics of `cqf eval` (cqf.evaluate): bits/dim, FID, KID, Inception Score, precision/recall, density/coverage.
 EVAL_METRICS = ("bpd", "fid", "kid", "is", "pr", "dc")
+FULL_PROTOCOL_SAMPLES = 50_000  # DESIGN section 4
+
+
+def _require(checks: list[tuple[bool, str]]) -> None:
+    """Raise a one-line ConfigError for the first failed (condition, message) pair."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _beta_pair(name: str, betas: tuple[float, float]) -> tuple[bool, str]:
+    return all(0 <= b < 1 for b in betas), f"{name} must be two numbers in [0, 1), got {list(betas)}"
 
 
 @dataclass(frozen=True)
@@ -28,6 +50,9 @@ class DataConfig:
     name: str = "digits"  # digits | mnist | cifar10 | npz:PATH
     root: str = ""  # where torchvision data sets live; "" = $CQF_DATA or ~/.cache/cqf
     val_size: int = 200  # held-out validation slice taken from the training split (images)
+
+    def __post_init__(self):
+        _require([(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")])
 
 
 @dataclass(frozen=True)
@@ -43,6 +68,19 @@ class ModelConfig:
     disc_channels: int = 0  # discriminator width; 0 = chosen from the image size
     disc_blocks: int = 0  # discriminator residual blocks; 0 = chosen from the image size
 
+    def __post_init__(self):
+        _require([
+            (self.latent_dim >= 1, f"model.latent_dim must be >= 1, got {self.latent_dim}"),
+            (self.channels >= 1, f"model.channels must be >= 1, got {self.channels}"),
+            (self.flow_couplings >= 0, f"model.flow_couplings must be >= 0 (0 = no flow), got {self.flow_couplings}"),
+            (self.flow_scales in (1, 2), f"model.flow_scales must be 1 or 2, got {self.flow_scales}"),
+            (self.flow_hidden >= 1, f"model.flow_hidden must be >= 1, got {self.flow_hidden}"),
+            (self.flow_max_log_scale > 0, f"model.flow_max_log_scale must be > 0, got {self.flow_max_log_scale}"),
+            (self.sigma_floor > 0, f"model.sigma_floor must be > 0, got {self.sigma_floor}"),
+            (self.disc_channels >= 0 and self.disc_blocks >= 0,
+             "model.disc_channels and model.disc_blocks must be >= 0 (0 = chosen from the image size)"),
+        ])
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -57,16 +95,43 @@ class TrainConfig:
     warmup_steps: int = 0  # likelihood-only steps before L_Q switches on (hybrid runs; ignored by a GAN)
     lr_d: float = 2e-4
     betas_d: tuple[float, float] = (0.0, 0.9)
-    d_steps: int = 1  # discriminator steps per generator step
+    d_steps: int = 1  # discriminator steps per generator step (when there is a discriminator)
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
     log_every: int = 50
-    eval_every: int = 500  # validation bits/dim (ELBO) on the held-out slice
-    sample_every: int = 500  # sample and reconstruction grids
-    ckpt_every: int = 1000
+    eval_every: int = 500  # validation bits/dim (ELBO) on the held-out slice; 0 = off
+    sample_every: int = 500  # sample and reconstruction grids; 0 = off
+    ckpt_every: int = 1000  # 0 = only at the end
     keep_checkpoints: int = 2
-    eval_iw_samples: int = 100  # K of the IWAE-K bound reported at the end of training
+    eval_iw_samples: int = 100  # K of the IWAE-K bound reported at the end of training; 0 = ELBO only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self):
+        _require([
+            (self.steps >= 0, f"train.steps must be >= 0, got {self.steps}"),
+            (self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}"),
+            (self.minutes >= 0, f"train.minutes must be >= 0 (0 = no time budget), got {self.minutes}"),
+            (self.lr > 0 and self.lr_d > 0, f"train.lr and train.lr_d must be > 0, got {self.lr} and {self.lr_d}"),
+            _beta_pair("train.betas", self.betas),
+            _beta_pair("train.betas_d", self.betas_d),
+            (self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (self.coverage_weight >= 0 and self.quality_weight >= 0,
+             "train.coverage_weight and train.quality_weight must be >= 0"),
+            (self.coverage_weight > 0 or self.quality_weight > 0,
+             "train.coverage_weight and train.quality_weight are both 0: nothing to train"),
+            (self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.d_steps >= 1, f"train.d_steps must be >= 1 discriminator step per generator step, got "
+                                f"{self.d_steps}; for no discriminator set train.quality_weight=0"),
+            (self.ema_halflife_kimg >= 0,
+             f"train.ema_halflife_kimg must be >= 0 (0 = no EMA), got {self.ema_halflife_kimg}"),
+            (self.log_every >= 1, f"train.log_every must be >= 1 step, got {self.log_every}"),
+            (min(self.eval_every, self.sample_every, self.ckpt_every) >= 0,
+             "train.eval_every, train.sample_every and train.ckpt_every must be >= 0 (0 = off)"),
+            (self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.eval_iw_samples >= 0, f"train.eval_iw_samples must be >= 0 (0 = ELBO only), got "
+                                        f"{self.eval_iw_samples}"),
+            (self.num_threads >= 0, f"train.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -77,26 +142,58 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
-        if self.train.coverage_weight < 0 or self.train.quality_weight < 0:
-            raise ConfigError("train.coverage_weight and train.quality_weight must be >= 0")
-        if self.train.coverage_weight == 0 and self.train.quality_weight == 0:
-            raise ConfigError("train.coverage_weight and train.quality_weight are both 0: nothing to train")
-        if self.train.coverage_weight == 0 and self.model.flow_couplings > 0:
+        if self.is_gan and self.model.flow_couplings > 0:
             raise ConfigError("a GAN (train.coverage_weight=0) has no flow: set model.flow_couplings=0")
-        if self.model.flow_scales not in (1, 2):
-            raise ConfigError(f"model.flow_scales must be 1 or 2, got {self.model.flow_scales}")
-        if self.train.batch_size < 1 or self.train.steps < 0:
-            raise ConfigError("train.batch_size must be >= 1 and train.steps >= 0")
-        if self.model.sigma_floor <= 0:
-            raise ConfigError("model.sigma_floor must be > 0")
+
+    @property
+    def is_gan(self) -> bool:
+        """No likelihood term: the model is the GAN generator (the decoder mean), with no density."""
+        return self.train.coverage_weight == 0
 
     @property
     def variant(self) -> str:
         """The paper's name for this combination of switches (DESIGN section 2)."""
-        if self.train.coverage_weight == 0:
+        if self.is_gan:
             return "GAN"
         name = "CQ" if self.train.quality_weight > 0 else "VAE"
         return name + ("-F" if self.model.flow_couplings > 0 else "")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `cqf eval` computes and how (DESIGN section 4); every choice is written into the results."""
+
+    data: str = ""  # reference data set; "" = the checkpoint's own (required for image folders and .npz)
+    metrics: tuple[str, ...] = ()  # subset of EVAL_METRICS; () = the default set for the data (`default_metrics`)
+    bpd_split: str = "test"
+    reference: str = "train"  # reference split of the feature metrics: train (convention) or test (paper)
+    num_samples: int = FULL_PROTOCOL_SAMPLES
+    num_reference: int = 0  # a fixed random subset of the reference split; 0 = all of it
+    features: str = "inception"  # inception | classifier:PATH
+    inception_weights: str = ""  # local TF-Inception weights; "" = $CQF_INCEPTION_WEIGHTS or torch-fidelity's
+    iw_samples: int = 100  # K of the IWAE-K bound; 0 = ELBO only
+    gan_bpd_steps: int = 0  # > 0: fit the GAN's approximate bound with this many steps
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "cpu"
+    npz_key: str = ""  # array of an .npz source; "" = the first of x, samples, images, arr_0, x_test
+    neighbours: str = ""  # PNG path for samples beside their nearest reference images; "" = none
+    cache_dir: str = ""  # reference feature cache; "" = no cache
+    max_images: int = 0  # bits/dim on the first N images only; 0 = the whole split
+    progress: bool = True
+
+    def __post_init__(self):
+        unknown = sorted(set(self.metrics) - set(EVAL_METRICS))
+        _require([
+            (not unknown, f"unknown metric {unknown[0]!r}; choose from {', '.join(EVAL_METRICS)}" if unknown else ""),
+            (self.bpd_split in ("train", "val", "test"), f"bits/dim split must be train, val or test, got "
+                                                         f"{self.bpd_split!r}"),
+            (self.reference in ("train", "test"), f"reference must be train or test, got {self.reference!r}"),
+            (self.num_samples >= 1, f"the number of samples must be >= 1, got {self.num_samples}"),
+            (min(self.num_reference, self.iw_samples, self.gan_bpd_steps, self.max_images) >= 0,
+             "num_reference, iw_samples, gan_bpd_steps and max_images must be >= 0"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+        ])
 
 
 def _coerce(value, hint, where: str):

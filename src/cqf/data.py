@@ -11,6 +11,7 @@ so `x` lies in (-1, 1) and the Jacobian of `k + u -> x` is (2 / levels)^D, which
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,19 @@ from torch import Tensor
 
 from .errors import DataError
 
-__all__ = ["ImageData", "batch_indices", "default_root", "dequantize", "levels_to_uint8", "load_dataset", "to_levels", "to_unit"]
+__all__ = [
+    "DATASETS",
+    "ImageData",
+    "as_nchw",
+    "batch_indices",
+    "default_root",
+    "dequantize",
+    "levels_to_uint8",
+    "load_dataset",
+    "register_dataset",
+    "to_levels",
+    "to_unit",
+]
 
 
 @dataclass
@@ -92,7 +105,8 @@ def default_root() -> Path:
     return Path(os.environ.get("CQF_DATA") or Path.home() / ".cache" / "cqf")
 
 
-def _as_nchw(x: np.ndarray, where: str) -> Tensor:
+def as_nchw(x: np.ndarray, where: str) -> Tensor:
+    """uint8 NHW or NHWC array -> uint8 tensor (N, C, H, W); a one-line DataError names anything else."""
     if x.dtype != np.uint8:
         raise DataError(f"{where}: images must be uint8 (0..255), got {x.dtype}")
     if x.ndim == 3:  # NHW grey
@@ -113,7 +127,26 @@ def _split_val(name, levels, x_train, y_train, x_test, y_test, val_size: int) ->
     return ImageData(name, levels, x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test)
 
 
-def _digits() -> tuple:
+# name -> loader(root, argument) returning (levels, x_train, y_train, x_test, y_test). A name ending in ":"
+# is a scheme whose argument follows it (npz:PATH); the others take no argument.
+Loader = Callable[[Path, str], tuple]
+DATASETS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: make `load_dataset(name)` call `loader(root, argument)`; `name:` registers a scheme."""
+
+    def register(loader: Loader) -> Loader:
+        if name in DATASETS:
+            raise ValueError(f"data set {name!r} is registered twice")
+        DATASETS[name] = loader
+        return loader
+
+    return register
+
+
+@register_dataset("digits")
+def _digits(root: Path, argument: str) -> tuple:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -144,11 +177,23 @@ def _torchvision(name: str, root: Path) -> tuple:
                 f"or use data.name=npz:PATH"
             ) from None
         images = dataset.data if isinstance(dataset.data, np.ndarray) else dataset.data.numpy()
-        splits += [_as_nchw(images, name), torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64)]
+        splits += [as_nchw(images, name), torch.as_tensor(np.asarray(dataset.targets), dtype=torch.int64)]
     return (256, *splits)
 
 
-def _npz(path: Path) -> tuple:
+@register_dataset("mnist")
+def _mnist(root: Path, argument: str) -> tuple:
+    return _torchvision("mnist", root)
+
+
+@register_dataset("cifar10")
+def _cifar10(root: Path, argument: str) -> tuple:
+    return _torchvision("cifar10", root)
+
+
+@register_dataset("npz:")
+def _npz(root: Path, argument: str) -> tuple:
+    path = Path(argument).expanduser()
     if not path.is_file():
         raise DataError(f"npz data set {path} not found; give data.name=npz:PATH to an existing .npz file")
     try:
@@ -158,7 +203,7 @@ def _npz(path: Path) -> tuple:
         raise DataError(f"cannot read {path} as .npz ({type(err).__name__}: {err})") from None
     if missing:
         raise DataError(f"{path} lacks arrays {', '.join(missing)}; it needs x_train, y_train, x_test, y_test")
-    x_train, x_test = _as_nchw(arrays["x_train"], str(path)), _as_nchw(arrays["x_test"], str(path))
+    x_train, x_test = as_nchw(arrays["x_train"], str(path)), as_nchw(arrays["x_test"], str(path))
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"{path}: train images {tuple(x_train.shape[1:])} and test {tuple(x_test.shape[1:])} differ")
     y_train = torch.from_numpy(arrays["y_train"].astype(np.int64))
@@ -176,12 +221,10 @@ def load_dataset(name: str, root: str | Path = "", val_size: int = 200) -> Image
         root: folder of torchvision's files; "" means $CQF_DATA or ~/.cache/cqf.
         val_size: images held out of the training split for validation (a fixed slice).
     """
-    if name == "digits":
-        parts = _digits()
-    elif name in ("mnist", "cifar10"):
-        parts = _torchvision(name, Path(root) if root else default_root())
-    elif name.startswith("npz:"):
-        parts = _npz(Path(name[4:]).expanduser())
-    else:
-        raise DataError(f"unknown data set {name!r}; choose digits, mnist, cifar10 or npz:PATH")
+    scheme, sep, argument = name.partition(":")
+    loader = DATASETS.get(scheme + sep if sep else name)
+    if loader is None:
+        choices = ", ".join(n + "PATH" if n.endswith(":") else n for n in DATASETS)
+        raise DataError(f"unknown data set {name!r}; choose {choices}")
+    parts = loader(Path(root) if root else default_root(), argument)
     return _split_val(name, *parts, val_size=val_size)

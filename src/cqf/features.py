@@ -12,7 +12,6 @@ Every extractor takes uint8 images (B, C, H, W) in 0..255 and returns a tuple of
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from .checkpoint import sha256_file
 from .data import levels_to_uint8
 from .errors import CQFError
+from .files import read_safetensors, sha256_file, write_safetensors
 
-__all__ = ["ClassifierExtractor", "Extractor", "extract", "levels_to_uint8", "make_extractor", "sha256_file"]
+__all__ = ["ClassifierExtractor", "Extractor", "FeatureError", "extract", "make_extractor", "train_classifier"]
 
 CLASSIFIER_FORMAT = "cqf-classifier-v1"
 INCEPTION_HINT = (
@@ -43,9 +42,6 @@ class ClassifierExtractor(FeatureExtractorBase):
 
     def __init__(self, name: str, features_list, feature_extractor_weights_path: str | None = None, **kwargs):
         super().__init__(name, features_list)
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
-
         from .nets import Classifier
 
         if feature_extractor_weights_path is None or not Path(feature_extractor_weights_path).is_file():
@@ -53,15 +49,9 @@ class ClassifierExtractor(FeatureExtractorBase):
                 f"classifier weights {feature_extractor_weights_path} not found; train one with "
                 "`cqf classifier train DATASET --out PATH`"
             )
-        try:
-            with safe_open(str(feature_extractor_weights_path), framework="pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(str(feature_extractor_weights_path))
-        except (SafetensorError, OSError) as err:
-            raise FeatureError(f"{feature_extractor_weights_path} is not a classifier file ({err})") from None
-        if meta.get("format") != CLASSIFIER_FORMAT:
-            raise FeatureError(f"{feature_extractor_weights_path} is not a cqf classifier (no {CLASSIFIER_FORMAT})")
-        self.info = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+        state, meta = read_safetensors(feature_extractor_weights_path, CLASSIFIER_FORMAT,
+                                       "a cqf classifier (`cqf classifier train`)", FeatureError)
+        self.info = {k: v for k, v in meta.items() if k != "format"}
         self.image_shape = tuple(self.info["image_shape"])
         self.net = Classifier(self.image_shape, self.info["num_classes"], self.info["width"]).float()
         self.net.load_state_dict(state)
@@ -191,10 +181,8 @@ def train_classifier(
 
     Images enter as uint8 0..255 (the evaluation pipeline's format), so digits' 17 levels are rescaled.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .checkpoint import _atomic_write
     from .nets import Classifier
 
     torch.manual_seed(seed)
@@ -225,8 +213,6 @@ def train_classifier(
     accuracy = (predictions == data.y_test).double().mean().item()
     info = {"image_shape": list(data.image_shape), "num_classes": num_classes, "width": width,
             "test_accuracy": accuracy, "data": data.name, "epochs": epochs}
-    metadata = {"format": CLASSIFIER_FORMAT} | {k: json.dumps(v) for k, v in info.items()}
-    tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(out), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_safetensors(out, net.state_dict(), {"format": CLASSIFIER_FORMAT} | info)
     return info | {"path": str(out), "sha256": sha256_file(out)}

@@ -203,16 +203,18 @@ def real_nvp(
     at half resolution (the other half is factored out), as in Real NVP's multi-scale architecture.
     """
 
+    if height % 2 or width % 2:
+        raise ValueError(f"real_nvp squeezes by 2: height and width must be even, got {height}x{width}")
+
     def checkerboards(c, h, w):
         return [checkerboard(c, h, w, parity=i % 2) for i in range(num_couplings)]
 
     layers = _couplings(checkerboards(channels, height, width), hidden, max_log_scale, actnorm)
-    if height % 2 == 0 and width % 2 == 0:
-        c, h, w = 4 * channels, height // 2, width // 2
-        channel_masks = [channel_mask(c, h, w, parity=i % 2) for i in range(num_couplings)]
-        layers += [Squeeze(), *_couplings(channel_masks, hidden, max_log_scale, actnorm)]
-        if scales == 2:
-            second = _couplings(checkerboards(c // 2, h, w), hidden, max_log_scale, actnorm)
-            layers.append(FactorOut(Sequential(*second)))
-        layers.append(Unsqueeze())
+    c, h, w = 4 * channels, height // 2, width // 2
+    channel_masks = [channel_mask(c, h, w, parity=i % 2) for i in range(num_couplings)]
+    layers += [Squeeze(), *_couplings(channel_masks, hidden, max_log_scale, actnorm)]
+    if scales == 2:
+        second = _couplings(checkerboards(c // 2, h, w), hidden, max_log_scale, actnorm)
+        layers.append(FactorOut(Sequential(*second)))
+    layers.append(Unsqueeze())
     return Sequential(*layers)

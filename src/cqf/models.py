@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,53 @@ from torch import Tensor, nn
 
 from . import flows, losses, nets
 from .config import ModelConfig
+from .errors import ConfigError
 
-__all__ = ["VAE", "ElboTerms", "FlowGaussian", "Generator", "IsotropicDecoder", "build_model", "gan_density_model"]
+
+@runtime_checkable
+class ImageModel(Protocol):
+    """Anything that draws model-space images: every variant, GAN included."""
+
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+    levels: int
+
+    def sample(self, num_samples: int, noise: bool = True, z: Tensor | None = None) -> Tensor: ...
+
+
+@runtime_checkable
+class DensityModel(ImageModel, Protocol):
+    """An `ImageModel` with a density: the VAE family (not the GAN). Terms in nats, (B,) per image."""
+
+    def elbo(self, x: Tensor) -> ElboTerms: ...
+
+    def log_prob(self, x: Tensor, num_importance: int = 100) -> Tensor: ...
+
+    def bits_per_dim(self, log_p: Tensor) -> Tensor: ...
+
+    def reconstruct(self, x: Tensor) -> Tensor: ...
+
+
+def model_space_sigma_floor(sigma_floor: float, levels: int) -> float:
+    """`model.sigma_floor` (in units of 1/levels) -> the bound on the decoder's sigma in model space.
+
+    One grey level is 2 / levels wide in model space (DESIGN section 6); sigma >= sigma_floor / levels.
+    """
+    return sigma_floor / levels
+
+__all__ = [
+    "VAE",
+    "DensityModel",
+    "ElboTerms",
+    "FlowGaussian",
+    "Generator",
+    "ImageModel",
+    "IsotropicDecoder",
+    "build_encoder",
+    "build_model",
+    "gan_density_model",
+    "model_space_sigma_floor",
+]
 
 
 @dataclass
@@ -70,8 +116,6 @@ class VAE(nn.Module):
         latent_dim: size of z.
         levels: grey levels of the data (for bits/dim).
     """
-
-    has_density = True
 
     def __init__(
         self,
@@ -145,8 +189,6 @@ class VAE(nn.Module):
 class Generator(nn.Module):
     """GAN baseline: x = mu(z), the decoder's mean path, deterministic; no density (DESIGN section 2)."""
 
-    has_density = False
-
     def __init__(self, decoder: nn.Module, latent_dim: int, image_shape: tuple[int, int, int], levels: int):
         super().__init__()
         self.decoder, self.latent_dim, self.image_shape, self.levels = decoder, latent_dim, tuple(image_shape), levels
@@ -170,24 +212,36 @@ class IsotropicDecoder(nn.Module):
         return mean, self.raw_scale.expand_as(mean)
 
 
-def gan_density_model(generator: Generator, channels: int, sigma_floor: float) -> VAE:
+def build_encoder(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+    """q(z|x) of the density models; also the encoder fitted for a GAN's approximate bits/dim (same capacity)."""
+    return nets.ConvEncoder(image_shape, cfg.latent_dim, cfg.channels)
+
+
+def gan_density_model(generator: Generator, cfg: ModelConfig) -> VAE:
     """The slides' "(*)": p(x|z) = N(x; G(z), sigma^2 I) with G frozen, a new encoder and one sigma to fit.
 
     Its ELBO bounds the likelihood of the GAN's generator made stochastic; it is an approximate bits/dim
-    for a model that has no density of its own (DESIGN section 3).
+    for a model that has no density of its own (DESIGN section 3). The encoder is the one the density
+    models of the same config use, so that the bound is not loosened by a smaller encoder.
     """
-    encoder = nets.ConvEncoder(generator.image_shape, generator.latent_dim, channels)
-    likelihood = FlowGaussian(flows.Identity(), sigma_floor / generator.levels)
-    return VAE(encoder, IsotropicDecoder(generator), likelihood, generator.latent_dim, generator.image_shape,
-               generator.levels)
+    floor = model_space_sigma_floor(cfg.sigma_floor, generator.levels)
+    likelihood = FlowGaussian(flows.Identity(), floor)
+    return VAE(build_encoder(cfg, generator.image_shape), IsotropicDecoder(generator), likelihood,
+               generator.latent_dim, generator.image_shape, generator.levels)
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], levels: int, gan: bool = False) -> nn.Module:
-    """The only place that knows which parts make which variant."""
+    """The only place that knows which parts make which variant (`gan` is `Config.is_gan`)."""
     decoder = nets.ConvDecoder(image_shape, cfg.latent_dim, cfg.channels)
     if gan:
         return Generator(decoder, cfg.latent_dim, image_shape, levels)
     if cfg.flow_couplings > 0:
+        _, height, width = image_shape
+        if height % 2 or width % 2:
+            raise ConfigError(
+                f"the flow needs even image height and width for its squeeze, got {height}x{width}: "
+                "set model.flow_couplings=0 or crop the images to an even size"
+            )
         flow = flows.real_nvp(
             *image_shape,
             num_couplings=cfg.flow_couplings,
@@ -198,7 +252,5 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], levels: int
         )
     else:
         flow = flows.Identity()
-    # In model space one grey level is 2 / levels wide; sigma >= sigma_floor / levels.
-    likelihood = FlowGaussian(flow, cfg.sigma_floor / levels)
-    encoder = nets.ConvEncoder(image_shape, cfg.latent_dim, cfg.channels)
-    return VAE(encoder, decoder, likelihood, cfg.latent_dim, image_shape, levels)
+    likelihood = FlowGaussian(flow, model_space_sigma_floor(cfg.sigma_floor, levels))
+    return VAE(build_encoder(cfg, image_shape), decoder, likelihood, cfg.latent_dim, image_shape, levels)

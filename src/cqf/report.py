@@ -1,4 +1,5 @@
-"""`cqf report`: the paper's Table 1 layout over several runs, and a BPD-vs-FID plot."""
+"""Reports: one evaluation as a table (`cqf eval`), and the paper's Table 1 layout over several runs with a
+BPD-vs-FID plot (`cqf report`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,53 @@ from pathlib import Path
 
 from .errors import CQFError
 
-__all__ = ["bpd_fid_plot", "collect", "markdown_table", "write_report"]
+__all__ = ["bpd_fid_plot", "collect", "format_table", "markdown_table", "write_json", "write_report"]
 
 COLUMNS = [("variant", "variant"), ("bpd", "BPD"), ("bpd_iwae", "BPD IWAE"), ("is", "IS"), ("fid", "FID"),
            ("kid", "KID"), ("precision", "precision"), ("recall", "recall"), ("density", "density"),
            ("coverage", "coverage")]
+
+
+def format_table(result: dict) -> str:
+    """The result of `cqf.evaluate.evaluate` as a two-column Markdown table, then notes and what could not be
+    computed and why: one line per reason, listing every metric it holds back. A reason that is also the
+    result's `error` is left to the caller, which reports it once."""
+    protocol, bpd, scored = result["protocol"], result.get("bits_per_dim"), result["metrics"]
+    generated, reference = protocol["generated"], protocol["reference"]
+    rows = [("source", f"{generated['source']} ({generated.get('variant', generated['kind'])})")]
+    if bpd is not None:
+        mark = " (approximate, GAN *)" if bpd.get("approximate") else ""
+        rows.append((f"bits/dim {bpd['split']}, ELBO{mark}", f"{bpd['bpd_elbo']:.4f}"))
+        if "bpd_iwae" in bpd:
+            rows.append((f"bits/dim {bpd['split']}, IWAE-{bpd['iw_samples']}{mark}", f"{bpd['bpd_iwae']:.4f}"))
+    names = {"fid": "FID", "kid_mean": "KID", "is_mean": "IS", "precision": "precision", "recall": "recall",
+             "density": "density", "coverage": "coverage"}
+    for key, label in names.items():
+        if key in scored:
+            value = f"{scored[key]:.4f}"
+            if key in ("kid_mean", "is_mean"):
+                value += f" ± {scored[key.replace('mean', 'std')]:.4f}"
+            rows.append((label, value))
+    if "extractor" in protocol:
+        rows.append(("generated / reference", f"{generated['num_images']} / {reference['num_images']} "
+                     f"({reference['data']} {reference['split']})"))
+        extractor = protocol["extractor"]
+        rows.append(("features", f"{extractor['name']} sha256 {extractor['weights_sha256'][:12]}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"| {'metric'.ljust(width)} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
+    if protocol.get("note"):
+        lines.append(f"note: {protocol['note']}")
+    lines += [f"note: {note}" for note in result.get("notes", [])]
+    by_reason: dict[str, list[str]] = {}
+    for metric, why in result.get("unavailable", {}).items():
+        by_reason.setdefault(why, []).append(metric)
+    lines += [f"unavailable: {', '.join(ms)}: {why}" for why, ms in by_reason.items() if why != result.get("error")]
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def collect(run_dir: Path) -> dict:

@@ -1,0 +1,153 @@
+"""Sample quality: FID, KID, IS, precision/recall and density/coverage under one written protocol (DESIGN 4).
+
+Samples and reference images enter as uint8 (N, C, H, W); features come from one extractor
+(`cqf.features`); the metrics are torch-fidelity's own functions on those features (`cqf.metrics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .config import EVAL_METRICS
+from .data import ImageData, levels_to_uint8, to_levels
+from .errors import CQFError
+from .images import save_grid
+from .models import ImageModel
+
+if TYPE_CHECKING:  # torch-fidelity is imported only where features are extracted
+    from .features import Extractor
+
+__all__ = [
+    "FEATURE_METRICS",
+    "default_metrics",
+    "feature_metrics",
+    "fixed_subset",
+    "inception_fits",
+    "neighbours_grid",
+    "reference_features",
+    "sample_images",
+]
+
+FEATURE_METRICS = tuple(m for m in EVAL_METRICS if m != "bpd")
+
+
+def inception_fits(image_shape: tuple[int, int, int]) -> bool:
+    """Whether ImageNet-Inception features describe these images: colour and at least 32x32 pixels.
+
+    On small grey images (digits 8x8, MNIST 28x28) they mean little; use domain features there.
+    """
+    channels, height, width = image_shape
+    return channels == 3 and min(height, width) >= 32
+
+
+def default_metrics(image_shape: tuple[int, int, int], features: str, has_model: bool, data_name: str
+                    ) -> tuple[tuple[str, ...], str]:
+    """(metrics, note): what `cqf eval` computes when no metrics are named, and why when it skips some.
+
+    Bits/dim for a checkpoint; the feature metrics too, unless they would be Inception features of images
+    that Inception does not describe (then the note says how to get domain features instead).
+    """
+    bpd = ("bpd",) if has_model else ()
+    if features == "inception" and not inception_fits(image_shape) and has_model:
+        c, h, w = image_shape
+        return bpd, (
+            f"sample metrics skipped: Inception features mean little on {c}x{h}x{w} images; train domain features "
+            f"with `cqf classifier train {data_name} --out C.safetensors` and add --features classifier:C.safetensors "
+            "(or name the metrics with --metrics)")
+    return bpd + FEATURE_METRICS, ""
+
+
+@torch.no_grad()
+def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int = 0, device: str = "cpu",
+                  progress: bool = False) -> Tensor:
+    """`num` samples of a model as uint8 images (N, C, H, W) in 0..255, from a fixed seed."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, unit="batch"):
+            x = model.sample(min(batch_size, num - start)).float().cpu()
+            out.append(levels_to_uint8(to_levels(x, model.levels), model.levels))
+    return torch.cat(out)
+
+
+def fixed_subset(x_int: Tensor, num: int) -> Tensor:
+    """A fixed random subset (seed 0): image files sorted by class must not give a one-class subset."""
+    if num <= 0 or num >= len(x_int):
+        return x_int
+    return x_int[torch.randperm(len(x_int), generator=torch.Generator().manual_seed(0))[:num]]
+
+
+def reference_images(data: ImageData, split: str, num: int) -> Tensor:
+    """The reference set of the feature metrics: a fixed subset of a split, as uint8 0..255."""
+    return levels_to_uint8(fixed_subset(data.split(split)[0], num), data.levels)
+
+
+def reference_features(extractor: Extractor, data: ImageData, split: str, num: int, cache_dir: Path | None,
+                       batch_size: int, device: str, progress: bool) -> tuple[dict, bool]:
+    """Features of the reference split, cached per (data set, split, size, extractor weights)."""
+    from .features import extract
+    from .files import atomic_write
+
+    x_ref = reference_images(data, split, num)
+    key = hashlib.sha256(f"{data.name}|{split}|{len(x_ref)}|{extractor.name}|{extractor.sha256}".encode()).hexdigest()
+    path = Path(cache_dir) / f"ref-{key[:24]}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            return torch.load(path, weights_only=True), True
+        except Exception:
+            path.unlink()  # a broken cache entry is recomputed, never trusted
+    features = extract(extractor, x_ref, batch_size, device, progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(features, tmp))
+    return features, False
+
+
+def feature_metrics(gen: dict, ref: dict, extractor: Extractor, wanted: tuple[str, ...]) -> dict:
+    """The requested feature metrics from extracted features; a metric that cannot run is reported, not faked."""
+    from . import metrics
+
+    f_gen, f_ref = gen[extractor.feature_key], ref[extractor.feature_key]
+    out, unavailable = {}, {}
+    for name, f in (("generated", f_gen), ("reference", f_ref)):
+        if not torch.isfinite(f).all():
+            raise CQFError(f"non-finite {name} features: the extractor's weights are broken or the images invalid")
+    if "fid" in wanted:
+        # With N <= F images the F x F covariance has rank < F: singular (2,048 dimensions for Inception's pool3).
+        dims = f_gen.shape[1]
+        if min(len(f_gen), len(f_ref)) <= dims:
+            unavailable["fid"] = (f"FID needs more images than feature dimensions (> {dims} per set, got "
+                                  f"{len(f_gen)} generated and {len(f_ref)} reference): the covariance is singular")
+        else:
+            out["fid"] = metrics.fid(f_gen, f_ref)
+    if "kid" in wanted:
+        out["kid_mean"], out["kid_std"] = metrics.kid(f_gen, f_ref)
+    if "pr" in wanted:
+        out["precision"], out["recall"] = metrics.precision_recall(f_gen, f_ref)
+    if "dc" in wanted:
+        out["density"], out["coverage"] = metrics.density_coverage(f_gen, f_ref)
+    if "is" in wanted:
+        if extractor.logits_key is None:
+            unavailable["is"] = "the Inception weights file has no classifier layer (pool3 only): no Inception Score"
+        else:
+            out["is_mean"], out["is_std"] = metrics.inception_score(gen[extractor.logits_key])
+    return {"metrics": out, "unavailable": unavailable}
+
+
+def neighbours_grid(x_gen: Tensor, f_gen: Tensor, x_ref: Tensor, f_ref: Tensor, out: Path, rows: int = 16,
+                    k: int = 6) -> Path:
+    """PNG: each row a generated image followed by its k nearest reference images in feature space."""
+    rows = min(rows, len(x_gen))
+    nearest = torch.cdist(f_gen[:rows].double(), f_ref.double()).topk(k, largest=False).indices  # (rows, k)
+    tiles = []
+    for i in range(rows):
+        tiles += [x_gen[i]] + [x_ref[j] for j in nearest[i]]
+    save_grid(torch.stack(tiles).float() / 255, out, nrow=k + 1, padding=2, pad_value=1.0)
+    return out

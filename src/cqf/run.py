@@ -1,0 +1,139 @@
+"""A training run's state: the networks, their optimizers, the EMA and the step; built fresh or resumed.
+
+Resuming restores every state dict of the newest `ckpt-*.pt` in the run directory, then applies the
+optimizer hyper-parameters of the current config (lr, betas), logging each change: lowering `train.lr`
+after a divergence takes effect from the resumed step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint, nets
+from .config import Config, to_dict
+from .data import ImageData, batch_indices, dequantize
+from .errors import TrainingError
+from .models import DensityModel, build_model
+
+__all__ = ["Run", "apply_hyperparameters", "build_discriminator", "build_run", "resolve_device"]
+
+log = logging.getLogger("cqf")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_discriminator(cfg: Config, image_shape: tuple[int, int, int]) -> nn.Module | None:
+    """The SNGAN-style D of a run with an adversarial term (`quality_weight > 0`), else None."""
+    if cfg.train.quality_weight == 0:
+        return None
+    channels, blocks = nets.default_disc_size(image_shape)
+    return nets.Discriminator(image_shape, cfg.model.disc_channels or channels, cfg.model.disc_blocks or blocks)
+
+
+@dataclass
+class Run:
+    """Everything a training step changes, and what a checkpoint stores."""
+
+    cfg: Config
+    model: nn.Module  # the VAE family, or the GAN's generator
+    disc: nn.Module | None
+    ema: nn.Module | None  # EMA of `model` (train.ema_halflife_kimg > 0)
+    opt_g: torch.optim.Optimizer  # encoder, decoder and flow
+    opt_d: torch.optim.Optimizer | None
+    device: torch.device
+    meta: dict  # image_shape, levels, data_name: what a checkpoint needs to rebuild the model
+    step: int = 0
+    resumed_from: Path | None = None
+    changed: list[str] = field(default_factory=list)  # hyper-parameters the resume changed, "key: old -> new"
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights used for samples, validation and export: the EMA when there is one."""
+        return self.ema if self.ema is not None else self.model
+
+    def state(self) -> dict:
+        return {"model": self.model, "ema": self.ema, "disc": self.disc, "opt_g": self.opt_g, "opt_d": self.opt_d}
+
+    def save(self, run_dir: Path) -> Path:
+        """`ckpt-{step}.pt` (atomic), then prune to the newest `train.keep_checkpoints`."""
+        path = Path(run_dir) / f"ckpt-{self.step:07d}.pt"
+        checkpoint.save(path, step=self.step, config=to_dict(self.cfg), **self.meta, **self.state())
+        checkpoint.prune(run_dir, self.cfg.train.keep_checkpoints)
+        return path
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, settings: dict[str, tuple[str, object]]) -> list[str]:
+    """Set hyper-parameters of every parameter group; return the changes, e.g. "train.lr: 0.001 -> 0.0001".
+
+    Args:
+        settings: config key -> (parameter-group key, new value), e.g. {"train.lr": ("lr", 1e-4)}.
+    """
+    changes = []
+    for group in optimizer.param_groups:
+        for name, (key, value) in settings.items():
+            old = tuple(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
+            if old != value:
+                changes.append(f"{name}: {old} -> {value}")
+                group[key] = value
+    return sorted(set(changes))
+
+
+def build_run(cfg: Config, data: ImageData, run_dir: Path) -> Run:
+    """A fresh run (seeded, ActNorm initialised on the first batch), or the newest checkpoint of `run_dir`."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.image_shape, data.levels, gan=cfg.is_gan).to(device)
+    disc = build_discriminator(cfg, data.image_shape)
+    disc = disc.to(device) if disc is not None else None
+    opt_g = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.betas)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_d, betas=tc.betas_d) if disc is not None else None
+    ema = copy.deepcopy(model).requires_grad_(False) if tc.ema_halflife_kimg > 0 else None
+    meta = {"image_shape": list(data.image_shape), "levels": data.levels, "data_name": data.name}
+    run = Run(cfg, model, disc, ema, opt_g, opt_d, device, meta)
+    if (last := checkpoint.latest(run_dir)) is not None:
+        _resume(run, last)
+    elif isinstance(model, DensityModel):
+        # Data-dependent ActNorm init on the first batch, before the EMA copy and the first step.
+        x0 = dequantize(data.x_train[batch_indices(0, len(data.x_train), tc.batch_size, cfg.seed)], data.levels)
+        with torch.no_grad():
+            model.elbo(x0.to(device))
+        if ema is not None:
+            ema.load_state_dict(model.state_dict())
+    return run
+
+
+def _resume(run: Run, path: Path) -> None:
+    payload = checkpoint.load_payload(path)
+    for key, target in run.state().items():
+        if target is None:
+            continue
+        if payload.get(key) is None:
+            raise TrainingError(f"{path} has no '{key}' state: it was written by another config; use a new --out")
+        try:
+            target.load_state_dict(payload[key])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise TrainingError(
+                f"{path} does not fit this config ({type(err).__name__}); use a new --out directory"
+            ) from None
+    run.step, run.resumed_from = int(payload["step"]), path
+    # The optimizer states restore the old lr and betas: the current config's values win, and say so.
+    tc = run.cfg.train
+    run.changed = apply_hyperparameters(run.opt_g, {"train.lr": ("lr", tc.lr), "train.betas": ("betas", tc.betas)})
+    if run.opt_d is not None:
+        run.changed += apply_hyperparameters(run.opt_d, {"train.lr_d": ("lr", tc.lr_d),
+                                                         "train.betas_d": ("betas", tc.betas_d)})
+    log.info("resuming from %s at step %d", path, run.step)
+    if run.changed:
+        log.info("resume: the config changed %s; the new values apply from step %d", ", ".join(run.changed),
+                 run.step)

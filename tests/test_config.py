@@ -1,0 +1,74 @@
+"""Config: every impossible value is a one-line ConfigError naming the key; odd image sizes and the flow."""
+
+import pytest
+import torch
+
+from cqf.config import EvalConfig, load_config
+from cqf.errors import ConfigError
+from cqf.models import build_model
+from cqf.train import train
+
+from .conftest import tiny_config
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.log_every=0", "train.log_every"),
+    ("train.d_steps=0", "train.d_steps"),
+    ("train.ema_halflife_kimg=-1", "train.ema_halflife_kimg"),
+    ("train.eval_every=-5", "train.eval_every"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.lr=0", "train.lr"),
+    ("train.betas=[0.9, 1.0]", "train.betas"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.minutes=-2", "train.minutes"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.latent_dim=0", "model.latent_dim"),
+    ("model.flow_couplings=-1", "model.flow_couplings"),
+    ("model.sigma_floor=0", "model.sigma_floor"),
+    ("data.val_size=-1", "data.val_size"),
+])
+def test_impossible_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        load_config("digits-cq-f", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_d_steps_zero_with_a_quality_weight_says_how_to_train_without_d():
+    with pytest.raises(ConfigError, match="train.quality_weight=0"):
+        load_config("digits-cq-f", ["train.d_steps=0"])
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"metrics": ("fid", "bogus")}, "unknown metric 'bogus'"),
+    ({"reference": "val"}, "reference must be train or test"),
+    ({"num_samples": 0}, "samples must be >= 1"),
+])
+def test_eval_config_rejects_impossible_values(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        EvalConfig(**fields)
+
+
+def _images(height, width, levels=17):
+    from cqf.data import ImageData
+
+    x = torch.randint(0, levels, (40, 1, height, width), dtype=torch.uint8)
+    y = torch.zeros(40, dtype=torch.int64)
+    return ImageData("odd", levels, x[:24], y[:24], x[24:32], y[24:32], x[32:], y[32:])
+
+
+def test_a_flow_on_odd_sized_images_is_a_config_error(tmp_path):
+    """The flow's squeeze needs even sizes: refused with the fix, never silently dropped."""
+    cfg = tiny_config()
+    with pytest.raises(ConfigError, match="even image height and width.*model.flow_couplings=0"):
+        build_model(cfg.model, (1, 7, 8), 17)
+    with pytest.raises(ConfigError, match="7x7"):
+        train(cfg, tmp_path / "flow", data=_images(7, 7), progress=False)
+
+
+def test_odd_sized_images_train_without_a_flow(tmp_path):
+    import dataclasses
+
+    cfg = tiny_config(quality_weight=1.0)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, flow_couplings=0))
+    model = train(cfg, tmp_path, data=_images(7, 9), progress=False)
+    assert model.sample(3).shape == (3, 1, 7, 9)
