@@ -55,3 +55,19 @@ def test_dequantized_data_fill_the_open_interval_uniformly():
     # each level k maps to [2k/levels - 1, 2(k+1)/levels - 1)
     lower = 2 * k / levels - 1
     assert ((x >= lower) & (x < lower + 2 / levels)).all()
+
+
+def test_histogram_baseline_closed_forms():
+    from cqf.likelihood import histogram_bits_per_dim
+
+    levels, n = 17, 30
+    constant = torch.full((n, 1, 2, 2), 3, dtype=torch.uint8)  # every pixel at level 3
+    expected = -math.log2((n + 1) / (n + levels))  # add-one smoothing
+    assert histogram_bits_per_dim(constant, constant[:5], levels) == pytest.approx(expected, abs=1e-12)
+    unseen = torch.full((5, 1, 2, 2), 4, dtype=torch.uint8)  # a level never seen in training
+    assert histogram_bits_per_dim(constant, unseen, levels) == pytest.approx(math.log2(n + levels), abs=1e-12)
+    # per dimension: pixel 0 always 0, pixel 1 alternates 0/1 in training; test image (0, 1)
+    train = torch.tensor([[0, 0], [0, 1]] * 10, dtype=torch.uint8).view(20, 1, 1, 2)
+    test = torch.tensor([[0, 1]], dtype=torch.uint8).view(1, 1, 1, 2)
+    p0, p1 = (20 + 1) / (20 + 2), (10 + 1) / (20 + 2)
+    assert histogram_bits_per_dim(train, test, 2) == pytest.approx(-(math.log2(p0) + math.log2(p1)) / 2, abs=1e-12)
