@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -60,14 +61,91 @@ def _grad_norms(module):
 def test_quality_loss_reaches_decoder_and_flow_but_not_encoder_or_disc():
     _, model, disc = build("CQ-F")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    generator_step(model, disc, opt, torch.rand(6, *SHAPE) * 2 - 1, coverage_weight=0.0, quality_weight=1.0,
-                   grad_clip=0.0, step=0)
+    only_quality = TrainConfig(coverage_weight=0.0, quality_weight=1.0, grad_clip=0.0)
+    generator_step(model, disc, opt, torch.rand(6, *SHAPE) * 2 - 1, only_quality, quality_weight=1.0, step=0)
     assert all(g == 0.0 for g in _grad_norms(model.encoder).values())
     assert all(g > 0 for g in _grad_norms(model.decoder).values())
     flow_grads = _grad_norms(model.flow)
     assert all(g > 0 for g in flow_grads.values()), [n for n, g in flow_grads.items() if g == 0]
     assert all(p.grad is None for p in disc.parameters())  # D frozen during the generator step
     assert all(p.requires_grad for p in disc.parameters())  # ... and unfrozen after it
+
+
+def _gradients(model, disc, tc, quality_weight, x, measure=False):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    torch.manual_seed(3)
+    stats = generator_step(model, disc, opt, x, tc, quality_weight=quality_weight, step=0, measure=measure)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
+
+
+@pytest.mark.parametrize("balance", ["fixed", "per_dim", "adaptive"])
+def test_every_balance_routes_gradients_right(balance):
+    """The encoder's gradient is L_C's alone; L_Q adds to the decoder's and the flow's; D gets none."""
+    _, model, disc = build("CQ-F")
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0)
+    with_quality, stats = _gradients(model, disc, tc, 1.0, x, measure=True)
+    without_quality, _ = _gradients(model, disc, tc, 0.0, x)
+    for name, grad in with_quality.items():
+        same = torch.equal(grad, without_quality[name])
+        assert same if name.startswith("encoder.") else not same, name
+    assert all(p.grad is None for p in disc.parameters())
+    assert {"grad_norm_coverage", "grad_norm_quality", "quality_weight_effective"} <= set(stats)
+    assert stats["quality_weight_effective"] > 0
+
+
+def test_adaptive_weight_equals_a_hand_computation():
+    """w = lambda ||dL_C/dW|| / (||dL_Q/dW|| + eps) on the decoder's output layer W, clamped and detached."""
+    from cqf.step import adaptive_weight
+
+    layer = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
+    v = torch.tensor([0.5, -2.0])
+    loss_c = (layer @ v).square().sum()  # d/dW = 2 (W v) v^T
+    loss_q = (layer * torch.tensor([[1.0, 0.0], [0.0, 2.0]])).sum()  # d/dW = [[1, 0], [0, 2]]
+    grad_c = 2 * torch.outer(layer.detach() @ v, v)
+    expected = 3.0 * grad_c.norm() / (torch.tensor(5.0).sqrt() + 1e-4)
+    weight = adaptive_weight(loss_c, loss_q, layer, quality_weight=3.0, max_weight=1e4)
+    torch.testing.assert_close(weight, expected, rtol=1e-12, atol=0)
+    assert not weight.requires_grad and layer.grad is None  # detached; nothing accumulated
+    assert adaptive_weight(loss_c, loss_q, layer, 3.0, max_weight=2.0) == 2.0  # clamped
+
+
+def test_the_adaptive_weight_sits_on_the_decoders_output_layer_and_balances_it():
+    """At lambda = 1 the weighted L_Q gradient on that layer has the norm of L_C's (up to eps)."""
+    from cqf.step import grad_norm
+
+    _, model, disc = build("CQ-F")
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    tc = TrainConfig(quality_weight=1.0, balance="adaptive", grad_clip=0.0)
+    _, stats = _gradients(model, disc, tc, 1.0, x)
+    torch.manual_seed(3)
+    loss_c = -model.elbo(x).elbo.mean()
+    loss_q = -disc(model.sample(6)).mean()
+    layer = model.decoder.last.weight
+    weighted = stats["quality_weight_effective"] * grad_norm(loss_q, [layer])
+    torch.testing.assert_close(weighted, grad_norm(loss_c, [layer]), rtol=1e-3, atol=0)
+
+
+def test_per_dim_divides_the_coverage_term_by_d_ln2():
+    _, model, disc = build("CQ-F")
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    fixed, _ = _gradients(model, disc, TrainConfig(quality_weight=1.0, grad_clip=0.0), 0.0, x)
+    per_dim, stats = _gradients(model, disc, TrainConfig(quality_weight=1.0, balance="per_dim", grad_clip=0.0), 1.0,
+                                x, measure=True)
+    scale = 64 * math.log(2)
+    for name in fixed:
+        if name.startswith("encoder."):
+            torch.testing.assert_close(per_dim[name], fixed[name] / scale)
+    assert stats["quality_weight_effective"].item() == pytest.approx(scale)  # in units of L_C in nats
+
+
+def test_quality_weight_schedule_warmup_then_ramp():
+    from cqf.step import quality_weight_at
+
+    cfg = Config(train=TrainConfig(quality_weight=10.0, warmup_steps=3, quality_ramp_steps=4))
+    assert [quality_weight_at(cfg, s) for s in range(9)] == [0, 0, 0, 2.5, 5.0, 7.5, 10.0, 10.0, 10.0]
+    gan = Config(train=TrainConfig(coverage_weight=0.0, quality_weight=2.0, warmup_steps=3, quality_ramp_steps=4))
+    assert quality_weight_at(gan, 0) == 2.0
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -79,14 +157,15 @@ def test_one_step_updates_exactly_the_right_parameters(name):
     if disc is not None:
         before_d = {k: v.clone() for k, v in disc.state_dict().items()}
         opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2)
-        stats = discriminator_step(model, disc, opt_d, x, step=0)
-        assert {"loss_d", "d_acc_real", "d_acc_fake"} <= set(stats)
+        stats = discriminator_step(model, disc, opt_d, x, step=0, augment_policy=("color", "translation", "cutout"),
+                                   r1_gamma=1.0)
+        assert {"loss_d", "d_acc_real", "d_acc_fake", "r1_penalty"} <= set(stats)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_g.items())  # D step leaves G alone
         disc_changed = [k for k, v in disc.state_dict().items() if "orig" in k and not torch.equal(v, before_d[k])]
         assert disc_changed
         before_d = {k: v.clone() for k, v in disc.state_dict().items()}
     tc = cfg.train
-    stats = generator_step(model, disc, opt_g, x, tc.coverage_weight, tc.quality_weight, 10.0, step=0)
+    stats = generator_step(model, disc, opt_g, x, tc, tc.quality_weight, step=0)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before_g[k])}
     assert any(k.startswith("decoder.") for k in changed)
     if tc.coverage_weight > 0:

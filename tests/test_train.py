@@ -54,6 +54,29 @@ def test_resume_is_bitwise_identical_with_discriminator_and_ema(tmp_path, digits
     assert _states_equal(straight, resumed) is None
 
 
+def test_ema_tracks_the_model_and_is_what_samples_and_evaluation_use(tmp_path, digits):
+    """After one step from the init: ema = beta init + (1 - beta) model; model.safetensors and cqf.load hold it."""
+    import cqf
+    from cqf.step import ema_beta
+
+    settings = dict(ema_halflife_kimg=0.05, eval_every=0, sample_every=0, ckpt_every=1, keep_checkpoints=5)
+    train(tiny_config(steps=0, **settings), tmp_path, data=digits, progress=False)  # the initial weights
+    returned = train(tiny_config(steps=1, **settings), tmp_path, data=digits, progress=False)
+    start = torch.load(tmp_path / "ckpt-0000000.pt", weights_only=True)
+    after = torch.load(tmp_path / "ckpt-0000001.pt", weights_only=True)
+    beta = ema_beta(16, 0.05)
+    params = {name for name, _ in returned.named_parameters()}
+    moved = 0
+    for name in params:
+        expected = beta * start["ema"][name] + (1 - beta) * after["model"][name]
+        torch.testing.assert_close(after["ema"][name], expected, rtol=1e-12, atol=1e-15)
+        moved += not torch.equal(after["ema"][name], after["model"][name])
+    assert moved  # the EMA differs from the raw weights...
+    loaded = cqf.load(tmp_path / "model.safetensors")  # ...and it is what the exported model holds
+    assert all(torch.equal(v, after["ema"][k]) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(v, after["ema"][k]) for k, v in returned.state_dict().items())
+
+
 def test_resume_applies_the_new_learning_rates_and_logs_them(tmp_path, digits):
     """Lowering train.lr after a divergence must take effect: the optimizer state must not restore the old lr."""
     settings = dict(quality_weight=1.0, eval_every=0, sample_every=0, ckpt_every=2)

@@ -32,6 +32,8 @@ __all__ = [
 # Metrics of `cqf eval` (cqf.evaluate): bits/dim, FID, KID, Inception Score, precision/recall, density/coverage.
 EVAL_METRICS = ("bpd", "fid", "kid", "is", "pr", "dc")
 FULL_PROTOCOL_SAMPLES = 50_000  # DESIGN section 4
+BALANCES = ("fixed", "per_dim", "adaptive")  # how L_C and L_Q are weighted (cqf.step.generator_step)
+AUGMENTATIONS = ("color", "translation", "cutout")  # cqf.augment
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:
@@ -92,10 +94,15 @@ class TrainConfig:
     grad_clip: float = 100.0  # max global gradient norm of the generator side; 0 = off
     coverage_weight: float = 1.0  # weight of L_C = -ELBO (nats per image)
     quality_weight: float = 0.0  # lambda, weight of L_Q (nats per image); > 0 adds a discriminator
+    balance: str = "fixed"  # fixed: L_C + w L_Q | per_dim: L_C / (D ln 2) + w L_Q | adaptive (see cqf.step)
+    quality_weight_max: float = 1e4  # clamp of the adaptive weight
     warmup_steps: int = 0  # likelihood-only steps before L_Q switches on (hybrid runs; ignored by a GAN)
+    quality_ramp_steps: int = 0  # after the warm-up, lambda rises linearly from 0 over this many steps
     lr_d: float = 2e-4
     betas_d: tuple[float, float] = (0.0, 0.9)
     d_steps: int = 1  # discriminator steps per generator step (when there is a discriminator)
+    augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
+    r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
     log_every: int = 50
     eval_every: int = 500  # validation bits/dim (ELBO) on the held-out slice; 0 = off
@@ -119,7 +126,14 @@ class TrainConfig:
              "train.coverage_weight and train.quality_weight must be >= 0"),
             (self.coverage_weight > 0 or self.quality_weight > 0,
              "train.coverage_weight and train.quality_weight are both 0: nothing to train"),
-            (self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.warmup_steps >= 0 and self.quality_ramp_steps >= 0,
+             "train.warmup_steps and train.quality_ramp_steps must be >= 0"),
+            (self.balance in BALANCES, f"train.balance must be one of {', '.join(BALANCES)}, got {self.balance!r}"),
+            (self.quality_weight_max > 0, f"train.quality_weight_max must be > 0, got {self.quality_weight_max}"),
+            (set(self.augment_policy) <= set(AUGMENTATIONS),
+             f"train.augment: unknown augmentation in {self.augment!r}; use a comma list of "
+             f"{', '.join(AUGMENTATIONS)} (or '' for none)"),
+            (self.r1_gamma >= 0, f"train.r1_gamma must be >= 0 (0 = off), got {self.r1_gamma}"),
             (self.d_steps >= 1, f"train.d_steps must be >= 1 discriminator step per generator step, got "
                                 f"{self.d_steps}; for no discriminator set train.quality_weight=0"),
             (self.ema_halflife_kimg >= 0,
@@ -132,6 +146,11 @@ class TrainConfig:
                                         f"{self.eval_iw_samples}"),
             (self.num_threads >= 0, f"train.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}"),
         ])
+
+
+    @property
+    def augment_policy(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.augment.split(",") if name.strip())
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,11 @@ class ConvDecoder(nn.Module):
         layers.append(nn.Conv2d(width, 2 * c, 3, padding=1))
         self.body = nn.Sequential(*layers)
 
+    @property
+    def last(self) -> nn.Conv2d:
+        """The output layer of the mean and the scale: every gradient that reaches the decoder passes here."""
+        return self.body[-1]
+
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         out = self.body(self.head(z).view(-1, *self.start_shape))  # (B, 2C, H, W)
         mean, raw_scale = out.chunk(2, dim=1)
