@@ -36,6 +36,7 @@ def test_impossible_values_name_their_key(override, key):
 def test_d_steps_zero_with_a_quality_weight_says_how_to_train_without_d():
     with pytest.raises(ConfigError, match="train.quality_weight=0"):
         load_config("digits-cq-f", ["train.d_steps=0"])
+    assert load_config("digits-vae-f", ["train.d_steps=0"]).train.d_steps == 0  # no D: nothing to refuse
 
 
 @pytest.mark.parametrize("fields,match", [

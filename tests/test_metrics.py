@@ -210,10 +210,35 @@ def test_default_metrics_fit_the_data(tmp_path, digits, offline, capsys):
 def test_default_metrics_by_image_and_features():
     from cqf.quality import FEATURE_METRICS, default_metrics
 
-    assert default_metrics((3, 32, 32), "inception", True, "cifar10") == (("bpd", *FEATURE_METRICS), "")
-    assert default_metrics((1, 28, 28), "classifier:c.safetensors", True, "mnist")[0] == ("bpd", *FEATURE_METRICS)
-    assert default_metrics((1, 28, 28), "inception", True, "mnist")[0] == ("bpd",)
-    assert default_metrics((1, 28, 28), "inception", False, "mnist")[0] == FEATURE_METRICS  # images: asked for
+    assert default_metrics((3, 32, 32), "inception", True, True, "cifar10") == (("bpd", *FEATURE_METRICS), "")
+    assert default_metrics((1, 28, 28), "classifier:c.safetensors", True, True, "mnist")[0] == ("bpd", *FEATURE_METRICS)
+    assert default_metrics((1, 28, 28), "inception", True, True, "mnist")[0] == ("bpd",)
+    assert default_metrics((1, 28, 28), "inception", False, False, "mnist")[0] == FEATURE_METRICS  # images: asked for
+    assert default_metrics((3, 32, 32), "inception", True, False, "cifar10")[0] == FEATURE_METRICS  # a GAN
+    nothing, note = default_metrics((1, 8, 8), "inception", True, False, "digits")  # a digits GAN
+    assert nothing == () and "--gan-bpd" in note and "cqf classifier train digits" in note
+
+
+def test_all_metrics_is_best_effort_and_named_metrics_are_required(tmp_path, random_classifier, digits, capsys):
+    """--metrics all on a GAN without --gan-bpd: the rest is computed, exit 0; --metrics bpd: an error."""
+    import dataclasses
+
+    from cqf.cli import main
+    from cqf.train import train
+
+    torch.set_default_dtype(torch.float32)
+    base = tiny_config(steps=1, quality_weight=1.0, eval_every=0, sample_every=0)
+    gan = dataclasses.replace(base, model=dataclasses.replace(base.model, flow_couplings=0),
+                              train=dataclasses.replace(base.train, coverage_weight=0.0))
+    train(gan, tmp_path / "gan", data=digits, progress=False)
+    args = ["eval", str(tmp_path / "gan" / "model.safetensors"), "--features", f"classifier:{random_classifier}",
+            "--num-samples", "200", "--num-reference", "300", "--json", str(tmp_path / "e.json"), "--quiet"]
+    main([*args, "--metrics", "all"])
+    assert "unavailable: bpd" in capsys.readouterr().out
+    assert "fid" in json.loads((tmp_path / "e.json").read_text())["metrics"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--metrics", "bpd"])
+    assert exit_info.value.code == 2 and "bpd unavailable" in capsys.readouterr().err
 
 
 def test_classifier_learns_digits(tmp_path, digits):

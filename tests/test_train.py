@@ -88,8 +88,20 @@ def test_resume_applies_the_new_learning_rates_and_logs_them(tmp_path, digits):
     assert group_g["lr"] == 1e-4 and tuple(group_g["betas"]) == (0.5, 0.99) and group_d["lr"] == 5e-5
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     changed = next(e["changed"] for e in events if e.get("event") == "resume")
-    assert changed == ["train.betas: (0.9, 0.999) -> (0.5, 0.99)", "train.lr: 0.001 -> 0.0001",
-                       "train.lr_d: 0.0002 -> 5e-05"]
+    assert changed == ["train.betas: [0.9, 0.999] -> [0.5, 0.99]", "train.lr: 0.001 -> 0.0001",
+                       "train.lr_d: 0.0002 -> 5e-05", "train.steps: 2 -> 4"]
+
+
+def test_resume_with_other_data_or_seed_is_refused(tmp_path, digits):
+    import dataclasses
+
+    train(tiny_config(steps=2, eval_every=0, sample_every=0), tmp_path, data=digits, progress=False)
+    cfg = tiny_config(steps=4, eval_every=0, sample_every=0)
+    with pytest.raises(TrainingError, match="seed: 0 -> 1.*new --out"):
+        train(dataclasses.replace(cfg, seed=1), tmp_path, data=digits, progress=False)
+    other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_size=41))
+    with pytest.raises(TrainingError, match="data.val_size: 40 -> 41"):
+        train(other, tmp_path, data=digits, progress=False)
 
 
 def test_evaluation_leaves_weights_untouched(tmp_path, digits):

@@ -17,4 +17,17 @@ def load(path, device="cpu", weights="auto"):
     return _load(path, device=device, weights=weights).model
 
 
+def __getattr__(name):
+    """Submodules on first use (`cqf.checkpoint.load(...)` after `import cqf`), without importing torch early."""
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'cqf' has no attribute {name!r}")
+
+
+_SUBMODULES = ("augment", "checkpoint", "config", "data", "errors", "evaluate", "features", "files", "flows",
+               "images", "likelihood", "losses", "metrics", "models", "nets", "quality", "report", "run", "step",
+               "train")
+
 __all__ = ["__version__", "load"]

@@ -7,7 +7,7 @@ metadata; `load` reads either and returns a `LoadedModel`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,7 +76,7 @@ def save_safetensors(path: Path, model: nn.Module, config: Config, **meta) -> No
 class LoadedModel:
     """A model rebuilt from a checkpoint, with what the checkpoint says about it."""
 
-    model: nn.Module  # in eval mode; `cqf.models.DensityModel` unless config.is_gan
+    model: nn.Module = field(repr=False)  # in eval mode; a `cqf.models.DensityModel` unless config.is_gan
     config: Config
     data_name: str  # the data set it was trained on
     image_shape: tuple[int, int, int]

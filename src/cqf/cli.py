@@ -1,4 +1,4 @@
-"""`cqf train | sample | eval`: parse arguments, build a Config, call one library function.
+"""`cqf train | sample | eval | classifier | report`: parse arguments, build a config, call one library function.
 
 Errors a user can fix (`cqf.errors.CQFError`) are printed on one line and exit with status 2.
 """
@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 from .config import EVAL_METRICS as ALL_METRICS
+from .config import EvalConfig
 from .errors import CQFError
+
+EVAL = EvalConfig()  # the defaults `cqf eval` shows and uses
 
 DEFAULT_CONFIG = "digits-cq-f"
 
@@ -42,25 +45,30 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--metrics", default="", help=f"comma list of {','.join(ALL_METRICS)}, or 'all' [bits/dim "
                     "for a checkpoint, and the feature metrics where the features fit the images]")
     ev.add_argument("--data", default=None, help="reference data set [the checkpoint's own; required for images]")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="bits/dim split [test]")
-    ev.add_argument("--reference", default="train", choices=["train", "test"], help="reference images [train]")
-    ev.add_argument("--num-samples", type=int, default=50_000, help="generated images [50000, the protocol]")
-    ev.add_argument("--num-reference", type=int, default=0, help="reference images, a fixed random subset [all]")
-    ev.add_argument("--features", default="inception", help="inception or classifier:PATH [inception]")
+    ev.add_argument("--split", default=EVAL.bpd_split, choices=["train", "val", "test"],
+                    help=f"bits/dim split [{EVAL.bpd_split}]")
+    ev.add_argument("--reference", default=EVAL.reference, choices=["train", "test"],
+                    help=f"reference images [{EVAL.reference}]")
+    ev.add_argument("--num-samples", type=int, default=EVAL.num_samples,
+                    help=f"generated images [{EVAL.num_samples}, the protocol]")
+    ev.add_argument("--num-reference", type=int, default=EVAL.num_reference,
+                    help="reference images, a fixed random subset [all]")
+    ev.add_argument("--features", default=EVAL.features, help=f"inception or classifier:PATH [{EVAL.features}]")
     ev.add_argument("--inception-weights", default=None, help="local TF-Inception weights [$CQF_INCEPTION_WEIGHTS]")
-    ev.add_argument("-k", "--iw-samples", type=int, default=100, help="K of the IWAE-K bound; 0 skips it [100]")
+    ev.add_argument("-k", "--iw-samples", type=int, default=EVAL.iw_samples,
+                    help=f"K of the IWAE-K bound; 0 skips it [{EVAL.iw_samples}]")
     ev.add_argument("--max-images", type=int, default=0, help="bits/dim on the first N images only (quick check)")
     ev.add_argument("--gan-bpd", action="store_true",
                     help="GAN checkpoints: fit an encoder and one sigma to the frozen generator, report that bound")
     ev.add_argument("--gan-bpd-steps", type=int, default=2000, help="fitting steps for --gan-bpd [2000]")
     ev.add_argument("--neighbours", type=Path, default=None, help="PNG: samples beside their nearest real images")
     ev.add_argument("--npz-key", default=None, help="array of an .npz source [x, samples, images, arr_0, x_test]")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=EVAL.seed)
+    ev.add_argument("--batch-size", type=int, default=EVAL.batch_size)
     ev.add_argument("--cache-dir", type=Path, default=None, help="reference feature cache [$CQF_DATA/features]")
     ev.add_argument("--json", type=Path, default=None, help="results file [eval.json next to a checkpoint]")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default=EVAL.device)
 
     classifier = commands.add_parser("classifier", help="domain classifier for feature metrics on small images")
     classifier.add_argument("action", choices=["train"])
@@ -91,11 +99,11 @@ def _train(args) -> None:
     out = args.out or Path("runs") / Path(str(args.config)).stem
     print(f"training {cfg.variant} on {cfg.data.name} -> {out}", file=sys.stderr)
     train(cfg, out, progress=not args.quiet)
-    print(f"done: {out}/model.safetensors, samples in {out}/samples-*.png, results in {out}/results.json")
+    results = f", test bits/dim in {out}/results.json" if not cfg.is_gan else ""
+    print(f"done: {out}/model.safetensors, samples in {out}/samples-*.png{results}")
 
 
 def _eval(args) -> None:
-    from .config import EvalConfig
     from .data import default_root
     from .evaluate import evaluate
     from .report import format_table, write_json
@@ -121,25 +129,19 @@ def _eval(args) -> None:
     print(f"results written to {path}")
     if result.get("error"):  # e.g. no Inception weights offline: the other metrics were still written
         raise CQFError(result["error"])
-    if result["unavailable"] and wanted:  # asked for by name, so its absence is an error
+    if result["unavailable"] and args.metrics not in ("", "all"):  # asked for by name: its absence is an error
         metric, why = next(iter(result["unavailable"].items()))
         raise CQFError(f"{metric} unavailable: {why}")
 
 
 def _sample(args) -> None:
     from .checkpoint import load
-    from .images import save_grid, write_image_folder
-    from .quality import sample_images
+    from .quality import save_samples
 
     if args.num < 1:
         raise CQFError(f"-n must be >= 1, got {args.num}")
-    model = load(args.checkpoint, args.device).model
-    images = sample_images(model, args.num, seed=args.seed, device=args.device, progress=args.out.suffix != ".png")
-    if args.out.suffix.lower() == ".png":
-        save_grid(images.float() / 255, args.out)  # the same samples as --out DIR would write
-        print(f"samples written to {args.out}")
-        return
-    print(f"{args.num} PNG files written to {write_image_folder(images, args.out)}")
+    out = save_samples(load(args.checkpoint, args.device).model, args.num, args.out, args.seed, args.device)
+    print(f"{args.num} samples written to {out}")
 
 
 def _classifier(args) -> None:

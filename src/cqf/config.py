@@ -118,29 +118,32 @@ class TrainConfig:
             (self.steps >= 0, f"train.steps must be >= 0, got {self.steps}"),
             (self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}"),
             (self.minutes >= 0, f"train.minutes must be >= 0 (0 = no time budget), got {self.minutes}"),
-            (self.lr > 0 and self.lr_d > 0, f"train.lr and train.lr_d must be > 0, got {self.lr} and {self.lr_d}"),
+            (self.lr > 0, f"train.lr must be > 0, got {self.lr}"),
+            (self.lr_d > 0, f"train.lr_d must be > 0, got {self.lr_d}"),
             _beta_pair("train.betas", self.betas),
             _beta_pair("train.betas_d", self.betas_d),
             (self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
-            (self.coverage_weight >= 0 and self.quality_weight >= 0,
-             "train.coverage_weight and train.quality_weight must be >= 0"),
+            (self.coverage_weight >= 0, f"train.coverage_weight must be >= 0, got {self.coverage_weight}"),
+            (self.quality_weight >= 0, f"train.quality_weight must be >= 0, got {self.quality_weight}"),
             (self.coverage_weight > 0 or self.quality_weight > 0,
              "train.coverage_weight and train.quality_weight are both 0: nothing to train"),
-            (self.warmup_steps >= 0 and self.quality_ramp_steps >= 0,
-             "train.warmup_steps and train.quality_ramp_steps must be >= 0"),
+            (self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.quality_ramp_steps >= 0, f"train.quality_ramp_steps must be >= 0, got {self.quality_ramp_steps}"),
             (self.balance in BALANCES, f"train.balance must be one of {', '.join(BALANCES)}, got {self.balance!r}"),
             (self.quality_weight_max > 0, f"train.quality_weight_max must be > 0, got {self.quality_weight_max}"),
             (set(self.augment_policy) <= set(AUGMENTATIONS),
              f"train.augment: unknown augmentation in {self.augment!r}; use a comma list of "
              f"{', '.join(AUGMENTATIONS)} (or '' for none)"),
             (self.r1_gamma >= 0, f"train.r1_gamma must be >= 0 (0 = off), got {self.r1_gamma}"),
-            (self.d_steps >= 1, f"train.d_steps must be >= 1 discriminator step per generator step, got "
-                                f"{self.d_steps}; for no discriminator set train.quality_weight=0"),
+            (self.d_steps >= 1 or self.quality_weight == 0,
+             f"train.d_steps must be >= 1 discriminator step per generator step, got {self.d_steps}; "
+             "for no discriminator set train.quality_weight=0"),
             (self.ema_halflife_kimg >= 0,
              f"train.ema_halflife_kimg must be >= 0 (0 = no EMA), got {self.ema_halflife_kimg}"),
             (self.log_every >= 1, f"train.log_every must be >= 1 step, got {self.log_every}"),
-            (min(self.eval_every, self.sample_every, self.ckpt_every) >= 0,
-             "train.eval_every, train.sample_every and train.ckpt_every must be >= 0 (0 = off)"),
+            (self.eval_every >= 0, f"train.eval_every must be >= 0 (0 = off), got {self.eval_every}"),
+            (self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = off), got {self.sample_every}"),
+            (self.ckpt_every >= 0, f"train.ckpt_every must be >= 0 (0 = only at the end), got {self.ckpt_every}"),
             (self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.eval_iw_samples >= 0, f"train.eval_iw_samples must be >= 0 (0 = ELBO only), got "
                                         f"{self.eval_iw_samples}"),
@@ -165,6 +168,11 @@ class Config:
             raise ConfigError("a GAN (train.coverage_weight=0) has no flow: set model.flow_couplings=0")
 
     @property
+    def has_discriminator(self) -> bool:
+        """An adversarial term, hence a discriminator: CQ, CQ-F and the GAN."""
+        return self.train.quality_weight > 0
+
+    @property
     def is_gan(self) -> bool:
         """No likelihood term: the model is the GAN generator (the decoder mean), with no density."""
         return self.train.coverage_weight == 0
@@ -174,7 +182,7 @@ class Config:
         """The paper's name for this combination of switches (DESIGN section 2)."""
         if self.is_gan:
             return "GAN"
-        name = "CQ" if self.train.quality_weight > 0 else "VAE"
+        name = "CQ" if self.has_discriminator else "VAE"
         return name + ("-F" if self.model.flow_couplings > 0 else "")
 
 
@@ -204,14 +212,17 @@ class EvalConfig:
     def __post_init__(self):
         unknown = sorted(set(self.metrics) - set(EVAL_METRICS))
         _require([
-            (not unknown, f"unknown metric {unknown[0]!r}; choose from {', '.join(EVAL_METRICS)}" if unknown else ""),
+            (not unknown, f"unknown metric {unknown[0]!r}: --metrics takes a comma list of "
+                          f"{', '.join(EVAL_METRICS)}, or 'all' alone" if unknown else ""),
             (self.bpd_split in ("train", "val", "test"), f"bits/dim split must be train, val or test, got "
                                                          f"{self.bpd_split!r}"),
             (self.reference in ("train", "test"), f"reference must be train or test, got {self.reference!r}"),
-            (self.num_samples >= 1, f"the number of samples must be >= 1, got {self.num_samples}"),
-            (min(self.num_reference, self.iw_samples, self.gan_bpd_steps, self.max_images) >= 0,
-             "num_reference, iw_samples, gan_bpd_steps and max_images must be >= 0"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
+            (self.num_reference >= 0, f"--num-reference must be >= 0 (0 = all), got {self.num_reference}"),
+            (self.iw_samples >= 0, f"-k/--iw-samples must be >= 0 (0 = ELBO only), got {self.iw_samples}"),
+            (self.gan_bpd_steps >= 0, f"--gan-bpd-steps must be >= 0, got {self.gan_bpd_steps}"),
+            (self.max_images >= 0, f"--max-images must be >= 0 (0 = all), got {self.max_images}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
         ])
 
 

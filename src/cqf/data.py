@@ -6,6 +6,9 @@ held-out validation slice of train, and test. Model space (DESIGN section 1):
     x = 2 * (k + u) / levels - 1,  k in {0..levels-1}^D,  u ~ U[0, 1)^D,
 
 so `x` lies in (-1, 1) and the Jacobian of `k + u -> x` is (2 / levels)^D, which `losses.bits_per_dim` adds.
+
+Data sets are found by name in a registry (`register_dataset`): `digits`, `mnist`, `cifar10`, and the scheme
+`npz:PATH`; a new data set is one decorated loader.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
                        f"has {data.image_shape} with {data.levels}; evaluate on its own data set")
     wanted, note = cfg.metrics, ""
     if not wanted:
-        wanted, note = default_metrics(data.image_shape, cfg.features, loaded is not None, data.name)
+        has_density = loaded is not None and (not loaded.config.is_gan or cfg.gan_bpd_steps > 0)
+        wanted, note = default_metrics(data.image_shape, cfg.features, loaded is not None, has_density, data.name)
     result = {
         "protocol": {
             "generated": {"source": str(source), "kind": kind, "seed": cfg.seed},

@@ -20,6 +20,20 @@ from . import flows, losses, nets
 from .config import ModelConfig
 from .errors import ConfigError
 
+__all__ = [
+    "VAE",
+    "DensityModel",
+    "ElboTerms",
+    "FlowGaussian",
+    "Generator",
+    "ImageModel",
+    "IsotropicDecoder",
+    "build_encoder",
+    "build_model",
+    "gan_density_model",
+    "model_space_sigma_floor",
+]
+
 
 @runtime_checkable
 class ImageModel(Protocol):
@@ -52,19 +66,6 @@ def model_space_sigma_floor(sigma_floor: float, levels: int) -> float:
     """
     return sigma_floor / levels
 
-__all__ = [
-    "VAE",
-    "DensityModel",
-    "ElboTerms",
-    "FlowGaussian",
-    "Generator",
-    "ImageModel",
-    "IsotropicDecoder",
-    "build_encoder",
-    "build_model",
-    "gan_density_model",
-    "model_space_sigma_floor",
-]
 
 
 @dataclass

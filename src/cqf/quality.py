@@ -31,6 +31,7 @@ __all__ = [
     "neighbours_grid",
     "reference_features",
     "sample_images",
+    "save_samples",
 ]
 
 FEATURE_METRICS = tuple(m for m in EVAL_METRICS if m != "bpd")
@@ -45,20 +46,22 @@ def inception_fits(image_shape: tuple[int, int, int]) -> bool:
     return channels == 3 and min(height, width) >= 32
 
 
-def default_metrics(image_shape: tuple[int, int, int], features: str, has_model: bool, data_name: str
-                    ) -> tuple[tuple[str, ...], str]:
+def default_metrics(image_shape: tuple[int, int, int], features: str, has_model: bool, has_density: bool,
+                    data_name: str) -> tuple[tuple[str, ...], str]:
     """(metrics, note): what `cqf eval` computes when no metrics are named, and why when it skips some.
 
-    Bits/dim for a checkpoint; the feature metrics too, unless they would be Inception features of images
-    that Inception does not describe (then the note says how to get domain features instead).
+    Bits/dim for a checkpoint with a density (or a GAN given --gan-bpd); the feature metrics too, unless they
+    would be Inception features of images that Inception does not describe (then the note says how to get
+    domain features instead). Image sets get the feature metrics: scoring them was asked for.
     """
-    bpd = ("bpd",) if has_model else ()
+    bpd = ("bpd",) if has_density else ()
     if features == "inception" and not inception_fits(image_shape) and has_model:
         c, h, w = image_shape
-        return bpd, (
-            f"sample metrics skipped: Inception features mean little on {c}x{h}x{w} images; train domain features "
-            f"with `cqf classifier train {data_name} --out C.safetensors` and add --features classifier:C.safetensors "
-            "(or name the metrics with --metrics)")
+        how = (f"train domain features with `cqf classifier train {data_name} --out C.safetensors` and add "
+               "--features classifier:C.safetensors (or name the metrics with --metrics)")
+        if not bpd:
+            return (), f"nothing to compute by default: a GAN has no density (add --gan-bpd), and {how}"
+        return bpd, f"sample metrics skipped: Inception features mean little on {c}x{h}x{w} images; {how}"
     return bpd + FEATURE_METRICS, ""
 
 
@@ -75,6 +78,19 @@ def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int 
             x = model.sample(min(batch_size, num - start)).float().cpu()
             out.append(levels_to_uint8(to_levels(x, model.levels), model.levels))
     return torch.cat(out)
+
+
+def save_samples(model: ImageModel, num: int, out: str | Path, seed: int = 0, device: str = "cpu") -> Path:
+    """`num` samples (`sample_images`) as one PNG grid when `out` ends in .png, else as N PNG files in `out`."""
+    from .images import write_image_folder
+
+    out = Path(out)
+    grid = out.suffix.lower() == ".png"
+    images = sample_images(model, num, seed=seed, device=device, progress=not grid)
+    if grid:
+        save_grid(images.float() / 255, out)  # uint8 0..255 -> [0, 1]; the same images a folder would hold
+        return out
+    return write_image_folder(images, out)
 
 
 def fixed_subset(x_int: Tensor, num: int) -> Tensor:

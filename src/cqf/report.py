@@ -54,7 +54,10 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    """The result as indented JSON, written atomically."""
+    from .files import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
 
 
 def collect(run_dir: Path) -> dict:

@@ -1,8 +1,9 @@
 """A training run's state: the networks, their optimizers, the EMA and the step; built fresh or resumed.
 
 Resuming restores every state dict of the newest `ckpt-*.pt` in the run directory, then applies the
-optimizer hyper-parameters of the current config (lr, betas), logging each change: lowering `train.lr`
-after a divergence takes effect from the resumed step.
+optimizer hyper-parameters of the current config (lr, betas): lowering `train.lr` after a divergence takes
+effect from the resumed step. Every config key that differs from the checkpoint's is logged; a changed data
+set or seed is refused, since the run would go on with other images or other batches.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import torch
 from torch import nn
 
 from . import checkpoint, nets
-from .config import Config, to_dict
+from .config import Config, from_dict, to_dict
 from .data import ImageData, batch_indices, dequantize
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .models import DensityModel, build_model
 
-__all__ = ["Run", "apply_hyperparameters", "build_discriminator", "build_run", "resolve_device"]
+__all__ = ["Run", "apply_hyperparameters", "build_discriminator", "build_run", "config_changes", "resolve_device"]
 
 log = logging.getLogger("cqf")
 
@@ -34,7 +35,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_discriminator(cfg: Config, image_shape: tuple[int, int, int]) -> nn.Module | None:
     """The SNGAN-style D of a run with an adversarial term (`quality_weight > 0`), else None."""
-    if cfg.train.quality_weight == 0:
+    if not cfg.has_discriminator:
         return None
     channels, blocks = nets.default_disc_size(image_shape)
     return nets.Discriminator(image_shape, cfg.model.disc_channels or channels, cfg.model.disc_blocks or blocks)
@@ -53,8 +54,7 @@ class Run:
     device: torch.device
     meta: dict  # image_shape, levels, data_name: what a checkpoint needs to rebuild the model
     step: int = 0
-    resumed_from: Path | None = None
-    changed: list[str] = field(default_factory=list)  # hyper-parameters the resume changed, "key: old -> new"
+    changed: list[str] = field(default_factory=list)  # config keys the resume changed, "key: old -> new"
 
     @property
     def eval_model(self) -> nn.Module:
@@ -72,20 +72,27 @@ class Run:
         return path
 
 
-def apply_hyperparameters(optimizer: torch.optim.Optimizer, settings: dict[str, tuple[str, object]]) -> list[str]:
-    """Set hyper-parameters of every parameter group; return the changes, e.g. "train.lr: 0.001 -> 0.0001".
-
-    Args:
-        settings: config key -> (parameter-group key, new value), e.g. {"train.lr": ("lr", 1e-4)}.
-    """
-    changes = []
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, betas: tuple[float, float]) -> None:
+    """Set lr and betas of every parameter group (a restored optimizer state brings its own)."""
     for group in optimizer.param_groups:
-        for name, (key, value) in settings.items():
-            old = tuple(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
-            if old != value:
-                changes.append(f"{name}: {old} -> {value}")
-                group[key] = value
-    return sorted(set(changes))
+        group["lr"], group["betas"] = lr, tuple(betas)
+
+
+def config_changes(saved: dict, current: Config) -> list[str]:
+    """Keys of `current` that differ from a checkpoint's config, as "train.lr: 0.001 -> 0.0001" (sorted)."""
+    try:
+        saved = to_dict(from_dict(Config, saved))  # fills keys added since the checkpoint with their defaults
+    except ConfigError:
+        pass  # a key removed since: compare what is there
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+        return out
+
+    old, new = flat(saved), flat(to_dict(current))
+    return [f"{key}: {old.get(key, '(absent)')} -> {new[key]}" for key in sorted(new) if old.get(key) != new[key]]
 
 
 def build_run(cfg: Config, data: ImageData, run_dir: Path) -> Run:
@@ -126,13 +133,17 @@ def _resume(run: Run, path: Path) -> None:
             raise TrainingError(
                 f"{path} does not fit this config ({type(err).__name__}); use a new --out directory"
             ) from None
-    run.step, run.resumed_from = int(payload["step"]), path
-    # The optimizer states restore the old lr and betas: the current config's values win, and say so.
+    run.step = int(payload["step"])
+    run.changed = config_changes(payload.get("config", {}), run.cfg)
+    refused = [c for c in run.changed if c.startswith(("data.", "seed:"))]
+    if refused:
+        raise TrainingError(f"{path} was trained with other data or seed ({refused[0]}): resuming would continue "
+                            "on other images or batches; use a new --out directory")
+    # The optimizer states restore the old lr and betas: the current config's values win.
     tc = run.cfg.train
-    run.changed = apply_hyperparameters(run.opt_g, {"train.lr": ("lr", tc.lr), "train.betas": ("betas", tc.betas)})
+    apply_hyperparameters(run.opt_g, tc.lr, tc.betas)
     if run.opt_d is not None:
-        run.changed += apply_hyperparameters(run.opt_d, {"train.lr_d": ("lr", tc.lr_d),
-                                                         "train.betas_d": ("betas", tc.betas_d)})
+        apply_hyperparameters(run.opt_d, tc.lr_d, tc.betas_d)
     log.info("resuming from %s at step %d", path, run.step)
     if run.changed:
         log.info("resume: the config changed %s; the new values apply from step %d", ", ".join(run.changed),

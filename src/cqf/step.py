@@ -204,7 +204,7 @@ def training_step(run: Run, data: ImageData) -> dict:
     cfg, tc, step = run.cfg, run.cfg.train, run.step
     # Reseed from (seed, step): dequantization, z and decoder noise are exact on resume.
     torch.manual_seed(cfg.seed * 1_000_003 + step)
-    quality_weight = quality_weight_at(cfg, step) if run.disc is not None else 0.0
+    quality_weight = quality_weight_at(cfg, step)
     num_train, stats = len(data.x_train), {}
     if quality_weight > 0:
         for i in range(tc.d_steps):

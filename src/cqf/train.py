@@ -25,6 +25,7 @@ from .data import ImageData, dequantize, load_dataset, to_unit
 from .images import save_grid
 from .likelihood import bits_per_dim
 from .models import DensityModel
+from .report import write_json
 from .run import Run, build_run
 from .step import quality_active, training_step
 
@@ -146,7 +147,7 @@ def finish(run: Run, data: ImageData, run_dir: Path, periodic: Periodic) -> nn.M
     if isinstance(model, DensityModel):
         results = bits_per_dim(model, data.x_test, data.levels, tc.eval_iw_samples, device=run.device)
         results |= {"split": "test", "step": step, "variant": run.cfg.variant, "data": data.name}
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(results, run_dir / "results.json")
         periodic.logger.write(step, {f"test_{k}": v for k, v in results.items() if isinstance(v, float)})
         log.info("test bits/dim: ELBO %.4f%s", results["bpd_elbo"],
                  f", IWAE-{tc.eval_iw_samples} {results['bpd_iwae']:.4f}" if tc.eval_iw_samples else "")
