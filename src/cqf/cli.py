@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (resumes if RUN_DIR has a checkpoint)")
-    train.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=f"bundled name or YAML path [{DEFAULT_CONFIG}]")
+    train.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                       help=f"bundled name or YAML path [{DEFAULT_CONFIG}]")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config field, e.g. --set train.lr=3e-4 (repeatable)")
     train.add_argument("--out", type=Path, default=None, help="run directory [runs/CONFIG]")

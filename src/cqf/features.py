@@ -74,7 +74,8 @@ class ClassifierExtractor(FeatureExtractorBase):
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         if x.dtype != torch.uint8 or tuple(x.shape[1:]) != self.image_shape:
-            raise FeatureError(f"classifier expects uint8 images {self.image_shape}, got {x.dtype} {tuple(x.shape[1:])}")
+            raise FeatureError(
+                f"classifier expects uint8 images {self.image_shape}, got {x.dtype} {tuple(x.shape[1:])}")
         features, logits = self.net(x.float() / 255)
         out = {"features": features, "logits": logits}
         return tuple(out[name] for name in self.features_list)
