@@ -187,6 +187,26 @@ def test_warmup_switches_quality_on_at_the_configured_step(tmp_path, digits):
     assert has_quality == {1: False, 2: False, 3: True, 4: True}
 
 
+def test_balance_is_logged_at_the_log_interval(tmp_path, digits):
+    """grad_norm_coverage, grad_norm_quality, quality_weight_effective and lambda's ramp, in metrics.jsonl and
+    TensorBoard, at every log step once L_Q is on."""
+    cfg = tiny_config(steps=6, warmup_steps=2, quality_ramp_steps=4, quality_weight=4.0, balance="adaptive",
+                      log_every=2, eval_every=0, sample_every=0)
+    train(cfg, tmp_path, data=digits, progress=False)
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if "loss_coverage" in r}
+    keys = {"grad_norm_coverage", "grad_norm_quality", "quality_weight_effective", "quality_weight"}
+    assert sorted(records) == [2, 4, 6] and not keys & set(records[2])
+    assert keys <= set(records[4]) and keys <= set(records[6])
+    assert (records[4]["quality_weight"], records[6]["quality_weight"]) == (2.0, 4.0)  # ramp steps 2 and 4 of 4
+    assert records[6]["grad_norm_coverage"] > 0 and records[6]["grad_norm_quality"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"grad_norm_coverage", "grad_norm_quality", "quality_weight_effective"} <= set(events.Tags()["scalars"])
+
+
 def _fake_data(shape, levels) -> ImageData:
     x = torch.randint(0, levels, (12, *shape), dtype=torch.uint8)
     y = torch.zeros(12, dtype=torch.int64)
