@@ -19,6 +19,10 @@ from .conftest import tiny_config
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
     ("train.lr=0", "train.lr"),
     ("train.betas=[0.9, 1.0]", "train.betas"),
+    ("train.balance=bogus", "train.balance"),
+    ("train.augment=rotate", "train.augment"),
+    ("train.quality_ramp_steps=-1", "train.quality_ramp_steps"),
+    ("train.r1_gamma=-1", "train.r1_gamma"),
     ("train.warmup_steps=-1", "train.warmup_steps"),
     ("train.minutes=-2", "train.minutes"),
     ("train.batch_size=0", "train.batch_size"),
@@ -41,7 +45,7 @@ def test_d_steps_zero_with_a_quality_weight_says_how_to_train_without_d():
 
 @pytest.mark.parametrize("fields,match", [
     ({"metrics": ("fid", "bogus")}, "unknown metric 'bogus'"),
-    ({"reference": "val"}, "reference must be train or test"),
+    ({"reference": "val"}, "--reference must be train or test"),
     ({"num_samples": 0}, "samples must be >= 1"),
 ])
 def test_eval_config_rejects_impossible_values(fields, match):

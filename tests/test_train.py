@@ -102,6 +102,8 @@ def test_resume_with_other_data_or_seed_is_refused(tmp_path, digits):
     other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_size=41))
     with pytest.raises(TrainingError, match="data.val_size: 40 -> 41"):
         train(other, tmp_path, data=digits, progress=False)
+    moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(tmp_path / "elsewhere")))
+    train(moved, tmp_path, data=digits, progress=False)  # where the files are may change
 
 
 def test_evaluation_leaves_weights_untouched(tmp_path, digits):

@@ -79,8 +79,10 @@ class ModelConfig:
             (self.flow_hidden >= 1, f"model.flow_hidden must be >= 1, got {self.flow_hidden}"),
             (self.flow_max_log_scale > 0, f"model.flow_max_log_scale must be > 0, got {self.flow_max_log_scale}"),
             (self.sigma_floor > 0, f"model.sigma_floor must be > 0, got {self.sigma_floor}"),
-            (self.disc_channels >= 0 and self.disc_blocks >= 0,
-             "model.disc_channels and model.disc_blocks must be >= 0 (0 = chosen from the image size)"),
+            (self.disc_channels >= 0, f"model.disc_channels must be >= 0 (0 = from the image size), got "
+                                      f"{self.disc_channels}"),
+            (self.disc_blocks >= 0,
+             f"model.disc_blocks must be >= 0 (0 = from the image size), got {self.disc_blocks}"),
         ])
 
 
@@ -150,9 +152,9 @@ class TrainConfig:
             (self.num_threads >= 0, f"train.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}"),
         ])
 
-
     @property
     def augment_policy(self) -> tuple[str, ...]:
+        """`augment` as a tuple of transform names (cqf.augment), empty for none."""
         return tuple(name.strip() for name in self.augment.split(",") if name.strip())
 
 
@@ -214,9 +216,9 @@ class EvalConfig:
         _require([
             (not unknown, f"unknown metric {unknown[0]!r}: --metrics takes a comma list of "
                           f"{', '.join(EVAL_METRICS)}, or 'all' alone" if unknown else ""),
-            (self.bpd_split in ("train", "val", "test"), f"bits/dim split must be train, val or test, got "
+            (self.bpd_split in ("train", "val", "test"), f"--split (bits/dim) must be train, val or test, got "
                                                          f"{self.bpd_split!r}"),
-            (self.reference in ("train", "test"), f"reference must be train or test, got {self.reference!r}"),
+            (self.reference in ("train", "test"), f"--reference must be train or test, got {self.reference!r}"),
             (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
             (self.num_reference >= 0, f"--num-reference must be >= 0 (0 = all), got {self.num_reference}"),
             (self.iw_samples >= 0, f"-k/--iw-samples must be >= 0 (0 = ELBO only), got {self.iw_samples}"),

@@ -67,7 +67,6 @@ def model_space_sigma_floor(sigma_floor: float, levels: int) -> float:
     return sigma_floor / levels
 
 
-
 @dataclass
 class ElboTerms:
     """Per-sample terms of the ELBO, each (B,) in nats, in model space."""

@@ -135,7 +135,7 @@ def _resume(run: Run, path: Path) -> None:
             ) from None
     run.step = int(payload["step"])
     run.changed = config_changes(payload.get("config", {}), run.cfg)
-    refused = [c for c in run.changed if c.startswith(("data.", "seed:"))]
+    refused = [c for c in run.changed if c.startswith(("data.", "seed:")) and not c.startswith("data.root:")]
     if refused:
         raise TrainingError(f"{path} was trained with other data or seed ({refused[0]}): resuming would continue "
                             "on other images or batches; use a new --out directory")
