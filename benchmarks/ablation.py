@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from table1 import collect, fmt, run_parallel, sample_panel  # noqa: E402
+from table1 import collect, eval_command, fmt, run_parallel, sample_panel  # noqa: E402
 
 COLUMNS = [("steps", "steps", 0), ("bpd", "BPD (ELBO)", 3), ("bpd_iwae", "BPD (IWAE)", 3), ("fid", "FID", 2),
            ("precision", "precision", 3), ("recall", "recall", 3), ("coverage", "coverage", 3),
@@ -80,24 +80,17 @@ def main() -> None:
     run_parallel(commands, logs, args.parallel)
 
     commands, logs = [], []
-    for (name, seed), run_dir in runs.items():
+    for (_, seed), run_dir in runs.items():
         if (run_dir / "eval.json").exists():
             continue
-        command = cqf_cmd + ["eval", str(run_dir / "model.safetensors"), "--metrics", "all", "--quiet",
-                             "--features", args.features, "--num-samples", str(args.num_samples),
-                             "--num-reference", str(args.num_reference), "-k", str(args.iw_samples),
-                             "--json", str(run_dir / "eval.json"), "--seed", str(seed),
-                             "--cache-dir", str(args.out / "feature-cache")]
-        if args.inception_weights:
-            command += ["--inception-weights", args.inception_weights]
-        commands.append(command)
+        commands.append(eval_command(run_dir, seed, args))
         logs.append(run_dir.with_suffix(".eval.log"))
     run_parallel(commands[:1], logs[:1], 1)  # fills the reference-feature cache
     run_parallel(commands[1:], logs[1:], args.parallel)
 
     lines = ["| job | " + " | ".join(label for _, label, _ in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     protocol = None
-    for name, config, overrides in jobs:
+    for name, _, _ in jobs:
         rows = [collect(runs[(name, s)]) | last_log(runs[(name, s)]) for s in range(args.seeds)]
         protocol = rows[0]["protocol"]
         cells = [fmt([r[key] for r in rows], digits) for key, _, digits in COLUMNS]

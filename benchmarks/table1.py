@@ -45,6 +45,21 @@ def run_parallel(commands: list[list[str]], logs: list[Path], parallel: int) -> 
                     sys.exit(f"failed ({proc.returncode}): see {log}")
 
 
+def eval_command(run_dir: Path, seed: int, args, gan_bpd_steps: int = 0) -> list[str]:
+    """`cqf eval` of a run's model.safetensors with every metric, the features and counts of `args`, into
+    run_dir/eval.json; reference features cached in args.out/feature-cache."""
+    command = [sys.executable, "-m", "cqf", "eval", str(run_dir / "model.safetensors"), "--metrics", "all", "--quiet",
+               "--features", args.features, "--num-samples", str(args.num_samples),
+               "--num-reference", str(args.num_reference), "-k", str(args.iw_samples),
+               "--json", str(run_dir / "eval.json"), "--seed", str(seed),
+               "--cache-dir", str(args.out / "feature-cache")]
+    if args.inception_weights:
+        command += ["--inception-weights", args.inception_weights]
+    if gan_bpd_steps > 0:
+        command += ["--gan-bpd", "--gan-bpd-steps", str(gan_bpd_steps)]
+    return command
+
+
 def collect(run_dir: Path) -> dict:
     e = json.loads((run_dir / "eval.json").read_text())
     bpd, m = e.get("bits_per_dim") or {}, e["metrics"]
@@ -136,16 +151,7 @@ def main() -> None:
     for (variant, seed), run_dir in runs.items():
         if (run_dir / "eval.json").exists():
             continue
-        command = cqf_cmd + ["eval", str(run_dir / "model.safetensors"), "--metrics", "all",
-                             "--features", args.features,
-                             "--num-samples", str(args.num_samples), "--num-reference", str(args.num_reference),
-                             "-k", str(args.iw_samples), "--json", str(run_dir / "eval.json"), "--seed", str(seed),
-                             "--cache-dir", str(args.out / "feature-cache")]
-        if args.inception_weights:
-            command += ["--inception-weights", args.inception_weights]
-        if variant == "gan":
-            command += ["--gan-bpd", "--gan-bpd-steps", str(args.gan_bpd_steps)]
-        commands.append(command)
+        commands.append(eval_command(run_dir, seed, args, args.gan_bpd_steps if variant == "gan" else 0))
         logs.append(run_dir.with_suffix(".eval.log"))
     # The first evaluation fills the reference-feature cache; the others then read it.
     run_parallel(commands[:1], logs[:1], 1)

@@ -20,14 +20,10 @@ def load(path, device="cpu", weights="auto"):
 def __getattr__(name):
     """Submodules on first use (`cqf.checkpoint.load(...)` after `import cqf`), without importing torch early."""
     import importlib
+    import importlib.util
 
-    if name in _SUBMODULES:
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cqf' has no attribute {name!r}")
-
-
-_SUBMODULES = ("augment", "checkpoint", "config", "data", "errors", "evaluate", "features", "files", "flows",
-               "images", "likelihood", "losses", "metrics", "models", "nets", "quality", "report", "run", "step",
-               "train")
 
 __all__ = ["__version__", "load"]

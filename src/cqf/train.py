@@ -101,7 +101,7 @@ class Periodic:
         run, tc, step = self.run, self.run.cfg.train, self.run.step
         self.stats = stats
         self.bar.update(1)
-        if not self.quality_on and quality_active(run.cfg, step) and run.disc is not None:
+        if not self.quality_on and quality_active(run.cfg, step):
             log.info("step %d: warm-up over, L_Q switched on", step)
             self.quality_on = True
         if step % tc.log_every == 0 or step == tc.steps:
