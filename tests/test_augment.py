@@ -48,6 +48,10 @@ def test_color_is_an_affine_map_per_image_and_keeps_grey_grey():
     b = color(2 * x)  # affine in x with the same random factors: color(2x) - 2 color(x) is constant per image
     offset = b - 2 * a
     assert torch.allclose(offset, offset[:, :1, :1, :1].expand_as(offset), atol=1e-12)
+    # one saturation and contrast factor per image, shared by the channels: deviations from the pixel's
+    # channel mean are scaled by a single number per image
+    ratio = (a - a.mean(1, keepdim=True)) / (x - x.mean(1, keepdim=True))
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), rtol=1e-6)
 
 
 def test_every_policy_is_differentiable_and_empty_is_identity():

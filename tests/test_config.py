@@ -45,6 +45,7 @@ def test_d_steps_zero_with_a_quality_weight_says_how_to_train_without_d():
 
 @pytest.mark.parametrize("fields,match", [
     ({"metrics": ("fid", "bogus")}, "unknown metric 'bogus'"),
+    ({"bpd_split": "dev"}, "--split"),
     ({"reference": "val"}, "--reference must be train or test"),
     ({"num_samples": 0}, "samples must be >= 1"),
 ])
