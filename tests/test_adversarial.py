@@ -86,9 +86,10 @@ def test_every_balance_routes_gradients_right(balance):
     tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0)
     with_quality, stats = _gradients(model, disc, tc, 1.0, x, measure=True)
     without_quality, _ = _gradients(model, disc, tc, 0.0, x)
-    for name, grad in with_quality.items():
-        same = torch.equal(grad, without_quality[name])
-        assert same if name.startswith("encoder.") else not same, name
+    for name, grad in with_quality.items():  # the decoder runs on a batch with or without the samples: to rounding
+        difference = (grad - without_quality[name]).abs().max().item()
+        scale = without_quality[name].abs().max().item()
+        assert difference <= 1e-12 * scale if name.startswith("encoder.") else difference > 1e-6 * scale, name
     assert all(p.grad is None for p in disc.parameters())
     assert {"grad_norm_coverage", "grad_norm_quality", "quality_weight_effective"} <= set(stats)
     assert stats["quality_weight_effective"] > 0
@@ -157,7 +158,9 @@ def test_one_step_updates_exactly_the_right_parameters(name):
     if disc is not None:
         before_d = {k: v.clone() for k, v in disc.state_dict().items()}
         opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2)
-        stats = discriminator_step(model, disc, opt_d, x, step=0, augment_policy=("color", "translation", "cutout"),
+        with torch.no_grad():
+            fake = model.sample(len(x))
+        stats = discriminator_step(disc, opt_d, x, fake, augment_policy=("color", "translation", "cutout"),
                                    r1_gamma=1.0)
         assert {"loss_d", "d_acc_real", "d_acc_fake", "r1_penalty"} <= set(stats)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_g.items())  # D step leaves G alone
@@ -264,3 +267,60 @@ def test_gan_ignores_the_hybrid_warmup(tmp_path, digits):
     train(cfg, tmp_path, data=digits, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss_quality" in r] == [1, 2]
+
+
+def test_step_measure_path_gives_the_gradient_of_the_single_backward():
+    """With `measure` (or the adaptive balance) L_C and L_Q are differentiated apart and summed into .grad: the
+    result must be the gradient of coverage_weight * L_C + lambda * L_Q that one backward gives."""
+    from cqf.step import grad_norm
+
+    _, model, disc = build("CQ-F")
+    disc.eval()  # no spectral-norm power iteration: D is the same function in every call
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    for balance in ("fixed", "per_dim"):
+        tc = TrainConfig(quality_weight=3.0, coverage_weight=0.5, balance=balance, grad_clip=0.0)
+        single, _ = _gradients(model, disc, tc, 3.0, x)
+        apart, stats = _gradients(model, disc, tc, 3.0, x, measure=True)
+        for name, grad in single.items():
+            torch.testing.assert_close(apart[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+        torch.manual_seed(3)  # the same draws as the step: the logged norms are those of L_C and L_Q in nats
+        terms, fake = model.elbo_and_sample(x, 6)
+        shared = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+        torch.testing.assert_close(stats["grad_norm_coverage"], grad_norm(-terms.elbo.mean(), shared))
+        torch.testing.assert_close(stats["grad_norm_quality"], grad_norm(-disc(fake).mean(), shared))
+
+
+def test_the_training_step_shares_its_samples_between_the_d_and_g_steps(tmp_path, digits):
+    """The first D step sees the generator step's samples (detached), and the G step re-scores the same images
+    with the updated D: L_Q = -mean D_{t+1}(x_gen)."""
+    from cqf.run import build_run
+    from cqf.step import training_step
+
+    cfg = tiny_config(steps=2, warmup_steps=0, quality_weight=1.0, d_steps=1)
+    run = build_run(cfg, digits, tmp_path)
+    seen = []
+    run.disc.register_forward_hook(lambda module, args, out: seen.append((args[0].detach().clone(), out.detach())))
+    stats = training_step(run, digits)
+    (d_input, _), (g_input, g_logits) = seen
+    batch = cfg.train.batch_size
+    assert d_input.shape[0] == 2 * batch  # real and generated in one call
+    torch.testing.assert_close(g_input, d_input[batch:], rtol=0, atol=0)
+    with torch.no_grad():  # eval: the spectral norm of the G step's forward, without another power iteration
+        torch.testing.assert_close(run.disc.eval()(g_input), g_logits)  # scored by D after its step
+    torch.testing.assert_close(stats["loss_quality"], -g_logits.mean())
+
+
+def test_finite_guard_names_the_first_bad_step_and_term_and_save_refuses(tmp_path, digits):
+    from cqf.errors import TrainingError
+    from cqf.run import FiniteGuard, build_run
+
+    guard = FiniteGuard()
+    for step, (c, q) in enumerate([(1.0, 2.0), (1.0, float("inf")), (float("nan"), float("nan")), (1.0, 1.0)]):
+        guard.watch(step, loss_coverage=torch.tensor(c), loss_quality=torch.tensor(q))
+    with pytest.raises(TrainingError, match=r"non-finite loss_quality \(inf\) at step 1"):
+        guard.check()
+    run = build_run(tiny_config(), digits, tmp_path)
+    run.guard = guard
+    with pytest.raises(TrainingError, match="at step 1"):
+        run.save(tmp_path)
+    assert not list(tmp_path.glob("ckpt-*"))

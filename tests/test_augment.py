@@ -67,10 +67,6 @@ def test_r1_penalty_of_a_linear_discriminator_is_the_squared_weight_norm():
 
     disc = nn.Sequential(nn.Flatten(), nn.Linear(64, 1, bias=False), nn.Flatten(0))
 
-    class Model:
-        def sample(self, n):
-            return torch.zeros(n, 1, 8, 8)
-
-    stats = discriminator_step(Model(), disc, torch.optim.SGD(disc.parameters(), lr=0.0), torch.rand(5, 1, 8, 8),
-                               step=0, r1_gamma=2.0)
+    stats = discriminator_step(disc, torch.optim.SGD(disc.parameters(), lr=0.0), torch.rand(5, 1, 8, 8),
+                               torch.zeros(5, 1, 8, 8), r1_gamma=2.0)
     assert stats["r1_penalty"].item() == pytest.approx(disc[1].weight.square().sum().item(), rel=1e-12)

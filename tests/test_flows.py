@@ -109,3 +109,13 @@ def test_full_size_flow_float32_roundtrip():
     flow.eval()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     assert (flow.inverse(flow(x)[0]) - x).abs().max() < 1e-3
+
+
+def test_actnorm_loaded_uninitialised_state_initialises_again():
+    """The host-side flag that spares a device sync per forward follows a loaded `initialized` buffer."""
+    norm = flows.ActNorm(3)
+    fresh = flows.ActNorm(3).state_dict()
+    norm(torch.randn(64, 3, 4, 4))
+    norm.load_state_dict(fresh)  # not initialised: the next training forward must initialise from its batch
+    y, _ = norm(5 + 3 * torch.randn(64, 3, 4, 4))
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-6, rtol=0)

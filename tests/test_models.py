@@ -187,3 +187,16 @@ def test_save_then_load_gives_identical_outputs(tmp_path, model, suffix):
     got = loaded.elbo(x).elbo, loaded.sample(2)
     for a, b in zip(expected, got, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_elbo_and_sample_equal_elbo_then_sample(model):
+    """One decoder call on the posterior and prior z together gives what the two calls give, draw for draw."""
+    x = torch.rand(5, *SHAPE) * 2 - 1
+    torch.manual_seed(7)
+    terms, samples = model.elbo_and_sample(x, 3)
+    torch.manual_seed(7)
+    reference = model.elbo(x)
+    torch.testing.assert_close(terms.elbo, reference.elbo)
+    torch.testing.assert_close(terms.kl, reference.kl)
+    torch.testing.assert_close(samples, model.sample(3))
+    assert samples.requires_grad  # the generator step backpropagates through them

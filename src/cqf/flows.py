@@ -86,6 +86,11 @@ class ActNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.register_buffer("initialized", torch.tensor(False))
+        self._known_initialized = False  # host-side copy of `initialized`: no device sync once it is known
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False  # the loaded buffer decides again
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -96,8 +101,10 @@ class ActNorm(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
-            self.initialize(x)
+        if self.training and not self._known_initialized:
+            if not bool(self.initialized):
+                self.initialize(x)
+            self._known_initialized = True
         height, width = x.shape[2:]
         logdet = (height * width * self.log_scale.sum()).expand(x.shape[0])
         return (x + self.bias) * self.log_scale.exp(), logdet

@@ -139,14 +139,29 @@ class VAE(nn.Module):
 
     def elbo(self, x: Tensor) -> ElboTerms:
         """One-sample ELBO terms of model-space images x (B, C, H, W)."""
+        return self.elbo_and_sample(x, 0)[0]
+
+    def elbo_and_sample(self, x: Tensor, num_samples: int, noise: bool = True,
+                        batched: bool = True) -> tuple[ElboTerms, Tensor]:
+        """`elbo(x)` and `sample(num_samples)`, with the same random draws, in one decoder call on the posterior
+        and the prior z together (the decoder is per-sample, so this is exact). `batched=False` makes two calls:
+        cheaper when the two losses are then differentiated apart, since each backward pass would otherwise
+        run through the other loss's half of the batch."""
+        if not batched:
+            return self.elbo(x), self.sample(num_samples, noise=noise)
         q_mean, q_log_scale = self.encoder(x)
         z = q_mean + q_log_scale.exp() * torch.randn_like(q_mean)
+        if num_samples:
+            z = torch.cat([z, torch.randn(num_samples, self.latent_dim, dtype=z.dtype, device=z.device)])
         mean, raw_scale = self.decoder(z)
-        log_px_z = self.likelihood.log_prob(self.likelihood.features(x), mean, raw_scale)
+        batch = x.shape[0]
+        log_px_z = self.likelihood.log_prob(self.likelihood.features(x), mean[:batch], raw_scale[:batch])
         with torch.no_grad():
-            sigma = self.likelihood.log_scale(raw_scale).exp()
+            sigma = self.likelihood.log_scale(raw_scale[:batch]).exp()
             at_floor = (sigma < 1.01 * self.likelihood.sigma_floor).float().mean()
-        return ElboTerms(log_px_z, losses.kl_to_standard_normal(q_mean, q_log_scale), at_floor)
+        terms = ElboTerms(log_px_z, losses.kl_to_standard_normal(q_mean, q_log_scale), at_floor)
+        samples = self.likelihood.sample(mean[batch:], raw_scale[batch:], noise=noise) if num_samples else None
+        return terms, samples
 
     @torch.no_grad()
     def log_prob(self, x: Tensor, num_importance: int = 100, chunk: int = 25) -> Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import checkpoint, nets
 from .config import Config, from_dict, to_dict
@@ -22,7 +22,7 @@ from .data import ImageData, batch_indices, dequantize
 from .errors import ConfigError, TrainingError
 from .models import DensityModel, build_model
 
-__all__ = ["Run", "apply_hyperparameters", "build_discriminator", "build_run", "config_changes", "resolve_device"]
+__all__ = ["FiniteGuard", "Run", "apply_hyperparameters", "build_discriminator", "build_run", "config_changes", "resolve_device"]
 
 log = logging.getLogger("cqf")
 
@@ -41,6 +41,38 @@ def build_discriminator(cfg: Config, image_shape: tuple[int, int, int]) -> nn.Mo
     return nets.Discriminator(image_shape, cfg.model.disc_channels or channels, cfg.model.disc_blocks or blocks)
 
 
+class FiniteGuard:
+    """Records, on the device, the first step at which each loss term was not finite; `check` raises.
+
+    A training step only adds device ops here (no host sync); `check` runs at the log interval and before every
+    checkpoint, so no checkpoint ever holds weights updated from a non-finite loss.
+    """
+
+    def __init__(self):
+        self.first: dict[str, tuple[Tensor, Tensor]] = {}  # term -> (first bad step or -1, its value)
+
+    def watch(self, step: int, **terms: Tensor) -> None:
+        for name, value in terms.items():
+            value = value.detach()
+            if name not in self.first:
+                self.first[name] = (torch.full((), -1, dtype=torch.int64, device=value.device),
+                                    torch.zeros((), dtype=value.dtype, device=value.device))
+            first_step, first_value = self.first[name]
+            new = ~torch.isfinite(value) & (first_step < 0)
+            first_step.copy_(torch.where(new, step, first_step))
+            first_value.copy_(torch.where(new, value, first_value))
+
+    def check(self) -> None:
+        """A one-line TrainingError naming the term and the step of the first non-finite loss, if any."""
+        bad = [(int(s), name, float(v)) for name, (s, v) in self.first.items() if int(s) >= 0]
+        if bad:
+            step, name, value = min(bad)
+            raise TrainingError(
+                f"non-finite {name} ({value}) at step {step}; the last checkpoint in the run directory is intact: "
+                "lower train.lr, raise model.sigma_floor or set train.grad_clip"
+            )
+
+
 @dataclass
 class Run:
     """Everything a training step changes, and what a checkpoint stores."""
@@ -55,6 +87,7 @@ class Run:
     meta: dict  # image_shape, levels, data_name: what a checkpoint needs to rebuild the model
     step: int = 0
     changed: list[str] = field(default_factory=list)  # config keys the resume changed, "key: old -> new"
+    guard: FiniteGuard = field(default_factory=FiniteGuard)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -65,7 +98,9 @@ class Run:
         return {"model": self.model, "ema": self.ema, "disc": self.disc, "opt_g": self.opt_g, "opt_d": self.opt_d}
 
     def save(self, run_dir: Path) -> Path:
-        """`ckpt-{step}.pt` (atomic), then prune to the newest `train.keep_checkpoints`."""
+        """`ckpt-{step}.pt` (atomic), then prune to the newest `train.keep_checkpoints`. Refuses (TrainingError)
+        when a loss was non-finite since the last check: the previous checkpoint stays the newest."""
+        self.guard.check()
         path = Path(run_dir) / f"ckpt-{self.step:07d}.pt"
         checkpoint.save(path, step=self.step, config=to_dict(self.cfg), **self.meta, **self.state())
         checkpoint.prune(run_dir, self.cfg.train.keep_checkpoints)

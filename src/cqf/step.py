@@ -20,23 +20,27 @@ from . import losses
 from .augment import augment
 from .config import Config, TrainConfig
 from .data import ImageData, batch_indices, dequantize
-from .errors import TrainingError
+from .models import ElboTerms
 from .run import Run
 
 __all__ = [
     "adaptive_weight",
-    "check_finite",
     "discriminator_step",
     "ema_beta",
     "ema_update",
     "frozen",
     "generating_parameters",
+    "generator_forward",
     "generator_step",
+    "single_backward",
     "grad_norm",
     "quality_active",
     "quality_weight_at",
     "training_step",
 ]
+
+
+ADAPTIVE_EPS = 1e-4  # in the adaptive weight's denominator
 
 
 def ema_beta(batch_size: int, halflife_kimg: float) -> float:
@@ -67,37 +71,26 @@ def frozen(module: nn.Module | None):
             p.requires_grad_(flag)
 
 
-def check_finite(step: int, **terms: Tensor) -> None:
-    """A one-line TrainingError naming the step and the term when a loss is not finite."""
-    for name, value in terms.items():
-        if not torch.isfinite(value).all():
-            raise TrainingError(
-                f"non-finite {name} ({value.item()}) at step {step}; the last checkpoint in the run directory "
-                f"is intact: lower train.lr, raise model.sigma_floor or set train.grad_clip"
-            )
-
-
-def discriminator_step(model: nn.Module, disc: nn.Module, opt: torch.optim.Optimizer, x: Tensor, step: int,
+def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor, fake: Tensor,
                        augment_policy: tuple[str, ...] = (), r1_gamma: float = 0.0) -> dict:
-    """One BCE step of D on dequantized real images x against model samples (real = 1, model = 0).
+    """One BCE step of D on dequantized real images against model samples (real = 1, model = 0).
 
-    Both go through the same differentiable augmentation; with `r1_gamma > 0` the R1 penalty
-    gamma/2 E|grad_x D(x)|^2 on the real images is added (Mescheder et al. 2018).
+    Real and generated images go through the same differentiable augmentation and through D in one call (one
+    spectral-norm power iteration per step). With `r1_gamma > 0` the R1 penalty gamma/2 E|grad_x D(x)|^2 on the
+    real images is added (Mescheder et al. 2018). `fake` is detached here: D's step never reaches the model.
     """
     opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        fake = model.sample(x.shape[0])
     if r1_gamma > 0:
-        x = x.detach().requires_grad_(True)
-    real_logits, fake_logits = disc(augment(x, augment_policy)), disc(augment(fake, augment_policy))
+        real = real.detach().requires_grad_(True)
+    logits = disc(augment(torch.cat([real, fake.detach()]), augment_policy))
+    real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
     loss = losses.discriminator_bce(real_logits, fake_logits)
     stats = {}
     if r1_gamma > 0:
-        (grad,) = torch.autograd.grad(real_logits.sum(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
         penalty = grad.square().flatten(1).sum(1).mean()
         loss = loss + r1_gamma / 2 * penalty
         stats["r1_penalty"] = penalty.detach()
-    check_finite(step, loss_d=loss)
     loss.backward()
     opt.step()
     return stats | {
@@ -110,7 +103,16 @@ def discriminator_step(model: nn.Module, disc: nn.Module, opt: torch.optim.Optim
 def grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
     """||d loss / d params|| over all of `params`, without touching their .grad (the graph is kept)."""
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return _norm(grads)
+
+
+def _norm(grads) -> Tensor:
     return torch.sqrt(sum(g.square().sum() for g in grads if g is not None)).detach()
+
+
+def _adaptive(norm_coverage: Tensor, norm_quality: Tensor, quality_weight: float, max_weight: float,
+              eps: float) -> Tensor:
+    return (quality_weight * norm_coverage / (norm_quality + eps)).clamp(0, max_weight).detach()
 
 
 def adaptive_weight(loss_coverage: Tensor, loss_quality: Tensor, layer: nn.Parameter, quality_weight: float,
@@ -118,10 +120,11 @@ def adaptive_weight(loss_coverage: Tensor, loss_quality: Tensor, layer: nn.Param
     """w = lambda ||grad_layer L_C|| / (||grad_layer L_Q|| + eps), clamped to [0, max_weight] and detached.
 
     With lambda = 1 the adversarial gradient at `layer` has the norm of the likelihood's (the adaptive weight
-    of VQGAN and of latent-diffusion autoencoders, on the decoder's output layer).
+    of VQGAN and of latent-diffusion autoencoders, on the decoder's output layer). The training step computes
+    the same from the two losses' full gradients, which it needs anyway (`generator_step`).
     """
-    ratio = grad_norm(loss_coverage, [layer]) / (grad_norm(loss_quality, [layer]) + eps)
-    return (quality_weight * ratio).clamp(0, max_weight).detach()
+    return _adaptive(grad_norm(loss_coverage, [layer]), grad_norm(loss_quality, [layer]), quality_weight,
+                     max_weight, eps)
 
 
 def generating_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -129,25 +132,49 @@ def generating_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
 
 
+def generator_forward(model: nn.Module, x: Tensor | None, num_samples: int,
+                      batched: bool = True) -> tuple[ElboTerms | None, Tensor | None]:
+    """The model's half of a step: ELBO terms of `x` (None: no L_C) and `num_samples` samples with their graph
+    (0: no L_Q), with one decoder call for both unless `batched` is False (`VAE.elbo_and_sample`)."""
+    if x is not None and num_samples:
+        return model.elbo_and_sample(x, num_samples, batched=batched)
+    if x is not None:
+        return model.elbo(x), None
+    return None, model.sample(num_samples) if num_samples else None
+
+
+def single_backward(tc: TrainConfig, measure: bool) -> bool:
+    """Whether the generator step takes one backward pass of the weighted sum (the weight is known before it),
+    rather than one per loss (the adaptive weight, or the logged gradient norms, need them apart)."""
+    return tc.balance != "adaptive" and not measure
+
+
 def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Optimizer, x: Tensor,
-                   tc: TrainConfig, quality_weight: float, step: int, measure: bool = False) -> dict:
+                   tc: TrainConfig, quality_weight: float, step: int, measure: bool = False,
+                   forward: tuple[ElboTerms | None, Tensor | None] | None = None) -> dict:
     """One step on the generator objective of `tc.balance` (DESIGN section 3); returns detached stats.
 
         fixed:     coverage_weight * L_C + lambda * L_Q            (nats per image; the paper's setting at lambda 1)
         per_dim:   coverage_weight * L_C / (D ln 2) + lambda * L_Q (L_C in bits/dim)
         adaptive:  coverage_weight * L_C + w * L_Q, w = `adaptive_weight` on the decoder's output layer
 
-    `quality_weight` is lambda at this step (0 during the warm-up). With `measure`, the norms of the gradients
-    of L_C and of L_Q (both in nats per image, unweighted) on the decoder and flow are returned too, as is
-    `quality_weight_effective`: the weight of L_Q in units of L_C in nats, whatever the balance.
+    `quality_weight` is lambda at this step (0 during the warm-up). `forward` is `generator_forward`'s result
+    when the step already made it (the training step shares its samples with the D step); else it is made here.
+    With `measure`, the norms of the gradients of L_C and of L_Q (both in nats per image, unweighted) on the
+    decoder and flow are returned too. `quality_weight_effective` is the weight of L_Q in units of L_C in nats.
+
+    When both losses are on and their gradients are needed apart (adaptive, or `measure`), the two gradients
+    come from one backward pass each and are summed into .grad: no pass is repeated for the weight.
     """
-    opt.zero_grad(set_to_none=True)
+    adversarial = quality_weight > 0 and disc is not None
+    if forward is None:
+        forward = generator_forward(model, x if tc.coverage_weight > 0 else None, x.shape[0] if adversarial else 0,
+                                    batched=single_backward(tc, measure))
+    terms, fake = forward
     stats, loss_coverage, loss_quality = {}, None, None
     coverage_scale = tc.coverage_weight
-    if tc.coverage_weight > 0:
-        terms = model.elbo(x)
+    if terms is not None:
         nats = -terms.elbo.mean()  # summed over dimensions, averaged over the batch
-        check_finite(step, loss_coverage=nats)
         if tc.balance == "per_dim":
             coverage_scale /= math.prod(x.shape[1:]) * math.log(2)
         loss_coverage = coverage_scale * nats
@@ -157,28 +184,47 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
             "kl": terms.kl.detach().mean(),
             "sigma_at_floor": terms.sigma_at_floor,
         }
-    if quality_weight > 0 and disc is not None:
+    if adversarial:
         with frozen(disc):  # gradients reach the decoder and the flow (through f^-1), not D
-            loss_quality = losses.quality_loss(disc(augment(model.sample(x.shape[0]), tc.augment_policy)))
-        check_finite(step, loss_quality=loss_quality)
+            loss_quality = losses.quality_loss(disc(augment(fake, tc.augment_policy)))
         stats["loss_quality"] = loss_quality.detach()
-    loss = x.new_zeros(()) if loss_coverage is None else loss_coverage
-    if loss_quality is not None:
-        weight = torch.as_tensor(quality_weight, dtype=x.dtype, device=x.device)
-        if tc.balance == "adaptive" and loss_coverage is not None:
-            weight = adaptive_weight(loss_coverage, loss_quality, model.decoder.last.weight, quality_weight,
-                                     tc.quality_weight_max)
-        loss = loss + weight * loss_quality
-        stats["quality_weight_effective"] = (weight / coverage_scale if loss_coverage is not None else weight)
-        if measure and loss_coverage is not None:
-            shared = generating_parameters(model)
-            stats["grad_norm_coverage"] = grad_norm(nats, shared)
-            stats["grad_norm_quality"] = grad_norm(loss_quality, shared)
-    loss.backward()
+    opt.zero_grad(set_to_none=True)
+    if loss_quality is None:
+        loss_coverage.backward()
+    elif loss_coverage is None:
+        (quality_weight * loss_quality).backward()
+        stats["quality_weight_effective"] = torch.as_tensor(quality_weight)
+    elif single_backward(tc, measure):
+        (loss_coverage + quality_weight * loss_quality).backward()
+        stats["quality_weight_effective"] = torch.as_tensor(quality_weight / coverage_scale)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        shared = generating_parameters(model)
+        grads_c = torch.autograd.grad(loss_coverage, params, retain_graph=True, allow_unused=True)
+        grads_q = torch.autograd.grad(loss_quality, shared, allow_unused=True)
+        weight = torch.as_tensor(quality_weight, dtype=loss_quality.dtype, device=loss_quality.device)
+        if tc.balance == "adaptive":
+            last = model.decoder.last.weight
+            weight = _adaptive(_norm([grads_c[_index(params, last)]]), _norm([grads_q[_index(shared, last)]]),
+                               quality_weight, tc.quality_weight_max, ADAPTIVE_EPS)
+        if measure:  # before the sum below, which reuses L_C's gradient tensors
+            by_param = dict(zip(params, grads_c, strict=True))
+            stats["grad_norm_coverage"] = _norm([by_param[p] for p in shared]) / coverage_scale
+            stats["grad_norm_quality"] = _norm(grads_q)
+        for p, g in zip(params, grads_c, strict=True):
+            p.grad = g
+        for p, g in zip(shared, grads_q, strict=True):
+            if g is not None:
+                p.grad = weight * g if p.grad is None else p.grad.add_(weight * g)
+        stats["quality_weight_effective"] = weight / coverage_scale
     if tc.grad_clip > 0:
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).detach()
     opt.step()
     return stats
+
+
+def _index(params: list[nn.Parameter], target: nn.Parameter) -> int:
+    return next(i for i, p in enumerate(params) if p is target)
 
 
 def quality_weight_at(cfg: Config, step: int) -> float:
@@ -200,21 +246,36 @@ def quality_active(cfg: Config, step: int) -> bool:
 
 
 def training_step(run: Run, data: ImageData) -> dict:
-    """Advance `run` by one step; returns the step's detached statistics."""
+    """Advance `run` by one step; returns the step's detached statistics.
+
+    One batch of samples, made with the ELBO's decoder call, serves the first D step (detached) and then the
+    generator step, re-scored by the updated D (as in DCGAN's reference loop). Further D steps
+    (`train.d_steps` > 1) draw their own samples. Non-finite losses are recorded on the device (`run.guard`)
+    and raised at the next log step or checkpoint, so the step has no host sync.
+    """
     cfg, tc, step = run.cfg, run.cfg.train, run.step
     # Reseed from (seed, step): dequantization, z and decoder noise are exact on resume.
     torch.manual_seed(cfg.seed * 1_000_003 + step)
     quality_weight = quality_weight_at(cfg, step)
+    adversarial = quality_weight > 0 and run.disc is not None
     num_train, stats = len(data.x_train), {}
-    if quality_weight > 0:
-        for i in range(tc.d_steps):
-            idx = batch_indices(step * tc.d_steps + i, num_train, tc.batch_size, cfg.seed + 1)
-            x_real = dequantize(data.x_train[idx], data.levels).to(run.device)
-            stats |= discriminator_step(run.model, run.disc, run.opt_d, x_real, step, tc.augment_policy, tc.r1_gamma)
     idx = batch_indices(step, num_train, tc.batch_size, cfg.seed)
     x = dequantize(data.x_train[idx], data.levels).to(run.device)
     measure = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps  # the balance is logged at the log interval
-    stats |= generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, step, measure)
+    forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, len(x) if adversarial else 0,
+                                batched=single_backward(tc, measure))
+    if adversarial:
+        for i in range(tc.d_steps):
+            idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.batch_size, cfg.seed + 1)
+            x_real = dequantize(data.x_train[idx_d], data.levels).to(run.device)
+            if i == 0:
+                fake = forward[1].detach()
+            else:
+                with torch.no_grad():
+                    fake = run.model.sample(len(x))
+            stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma)
+    stats |= generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, step, measure, forward=forward)
+    run.guard.watch(step, **{k: stats[k] for k in ("loss_coverage", "loss_quality", "loss_d") if k in stats})
     if quality_weight > 0 and not cfg.is_gan:
         stats["quality_weight"] = quality_weight
     if run.ema is not None:

@@ -105,6 +105,7 @@ class Periodic:
             log.info("step %d: warm-up over, L_Q switched on", step)
             self.quality_on = True
         if step % tc.log_every == 0 or step == tc.steps:
+            run.guard.check()
             record = self.log_stats()
             self.bar.set_postfix({k: f"{record[k]:.3g}" for k in SHOWN if k in record})
         model = run.eval_model
@@ -137,6 +138,7 @@ class Periodic:
 def finish(run: Run, data: ImageData, run_dir: Path, periodic: Periodic) -> nn.Module:
     """Last metrics, checkpoint and grids; export model.safetensors; test bits/dim into results.json."""
     tc, step = run.cfg.train, run.step
+    run.guard.check()
     if step != periodic.last_logged and periodic.stats:  # stopped by the time budget between two log steps
         periodic.log_stats()
     if periodic.last_ckpt is None or not periodic.last_ckpt.name.endswith(f"{step:07d}.pt"):
