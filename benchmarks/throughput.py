@@ -171,7 +171,7 @@ def main() -> None:
                    "--steps", str(args.steps)] + (["--quick"] if args.quick else [])
         for item in args.set:
             command += ["--set", item]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
         line = next((ln for ln in result.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{variant} failed:\n{result.stderr[-3000:]}")
@@ -189,7 +189,7 @@ def main() -> None:
         print(f"| {r['variant']} | {r['train_img_s']:.1f} | {r['flops_per_img'] / 1e9:.2f} | "
               f"{r['flop_s'] / 1e12:.3f} | {100 * r['flop_s'] / peak:.0f} | {r['peak_mib']:.0f} | "
               f"{r['sample_img_s']:.0f} | {_fmt(r.get('bpd_elbo_img_s'), '.0f')} | "
-              f"{_fmt(iwae, '.1f')}{' (K=%d)' % r['iw_samples'] if iwae else ''} |")
+              f"{_fmt(iwae, '.1f')}{' (K={})'.format(r['iw_samples']) if iwae else ''} |")
     print(f"\nInception pool3 features: {_fmt(features, '.1f')} img/s"
           + ("" if features else " (no weights: --inception-weights or CQF_INCEPTION_WEIGHTS)"))
     cqf_row = next((r for r in rows if r["variant"] == "cq-f"), None)

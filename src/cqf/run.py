@@ -22,7 +22,8 @@ from .data import ImageData, batch_indices, dequantize
 from .errors import ConfigError, TrainingError
 from .models import DensityModel, build_model
 
-__all__ = ["FiniteGuard", "Run", "apply_hyperparameters", "build_discriminator", "build_run", "config_changes", "resolve_device"]
+__all__ = ["FiniteGuard", "Run", "apply_hyperparameters", "build_discriminator", "build_run", "config_changes",
+           "resolve_device"]
 
 log = logging.getLogger("cqf")
 

@@ -32,10 +32,10 @@ __all__ = [
     "generating_parameters",
     "generator_forward",
     "generator_step",
-    "single_backward",
     "grad_norm",
     "quality_active",
     "quality_weight_at",
+    "single_backward",
     "training_step",
 ]
 
