@@ -155,3 +155,33 @@ def test_resume_with_an_incompatible_config_is_refused(tmp_path, digits):
                            cfg.train)
     with pytest.raises(TrainingError, match="does not fit this config"):
         train(bigger, tmp_path, data=digits, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["precision=bf16", "channels_last=true", "compile=true"])
+def test_speed_modes_give_the_float32_step_to_tolerance(tmp_path, digits, mode):
+    """One CQ-F training step on a fixed batch in each speed mode against float32: the same bits/dim and L_Q to
+    the mode's tolerance, and under bf16 the likelihood terms are still float32 (only the networks run in bf16)."""
+    import dataclasses
+
+    from cqf.run import build_run
+    from cqf.step import autocast, training_step
+
+    torch.set_default_dtype(torch.float32)
+    key, value = mode.split("=")
+    value = {"true": True}.get(value, value)
+    base = tiny_config(steps=1, warmup_steps=0, quality_weight=1.0, balance="adaptive", log_every=1)
+    fast = dataclasses.replace(base, train=dataclasses.replace(base.train, **{key: value}))
+    results = []
+    for i, cfg in enumerate([base, fast]):
+        run = build_run(cfg, digits, tmp_path / str(i))
+        results.append(training_step(run, digits))
+    tolerance = 2e-2 if key == "precision" else 1e-4
+    for name in ("bpd", "loss_quality"):
+        assert abs(results[1][name].item() - results[0][name].item()) <= tolerance * abs(results[0][name].item()), name
+    if key == "precision":
+        with autocast(run.device, "bf16"):
+            terms = run.model.elbo(torch.rand(4, 1, 8, 8) * 2 - 1)
+        assert terms.log_px_z.dtype == terms.kl.dtype == torch.float32
+        with autocast(run.device, "bf16"):
+            y, logdet = run.model.flow(torch.rand(4, 1, 8, 8))
+        assert y.dtype == logdet.dtype == torch.float32

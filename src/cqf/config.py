@@ -32,6 +32,7 @@ __all__ = [
 # Metrics of `cqf eval` (cqf.evaluate): bits/dim, FID, KID, Inception Score, precision/recall, density/coverage.
 EVAL_METRICS = ("bpd", "fid", "kid", "is", "pr", "dc")
 FULL_PROTOCOL_SAMPLES = 50_000  # DESIGN section 4
+PRECISIONS = ("fp32", "bf16")  # training arithmetic (cqf.step.autocast)
 BALANCES = ("fixed", "per_dim", "adaptive")  # how L_C and L_Q are weighted (cqf.step.generator_step)
 AUGMENTATIONS = ("color", "translation", "cutout")  # cqf.augment
 
@@ -113,6 +114,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_iw_samples: int = 100  # K of the IWAE-K bound reported at the end of training; 0 = ELBO only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16: autocast of the networks; log-dets, likelihood sums and KL in float32
+    channels_last: bool = False  # NHWC memory layout of every network and input (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the networks (encoder, decoder, coupling nets, discriminator)
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
 
     def __post_init__(self):
@@ -150,6 +154,8 @@ class TrainConfig:
             (self.eval_iw_samples >= 0, f"train.eval_iw_samples must be >= 0 (0 = ELBO only), got "
                                         f"{self.eval_iw_samples}"),
             (self.num_threads >= 0, f"train.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}"),
+            (self.precision in PRECISIONS,
+             f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ])
 
     @property

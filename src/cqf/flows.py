@@ -60,7 +60,7 @@ class AffineCoupling(nn.Module):
         self.max_log_scale = max_log_scale
 
     def _scale_shift(self, x_masked: Tensor) -> tuple[Tensor, Tensor]:
-        raw, shift = self.net(x_masked).chunk(2, dim=1)
+        raw, shift = self.net(x_masked).to(x_masked.dtype).chunk(2, dim=1)  # float32 under bf16 autocast
         log_scale = self.max_log_scale * torch.tanh(raw / self.max_log_scale)
         free = 1 - self.mask
         return log_scale * free, shift * free

@@ -34,7 +34,7 @@ class ConvEncoder(nn.Module):
         self.head = nn.Linear(width * h * w, 2 * latent_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_scale = self.head(self.features(x).flatten(1)).chunk(2, dim=1)
+        mean, log_scale = self.head(self.features(x).flatten(1)).to(x.dtype).chunk(2, dim=1)  # KL in x's dtype
         return mean, log_scale
 
 
@@ -60,7 +60,7 @@ class ConvDecoder(nn.Module):
         return self.body[-1]
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.body(self.head(z).view(-1, *self.start_shape))  # (B, 2C, H, W)
+        out = self.body(self.head(z).view(-1, *self.start_shape)).to(z.dtype)  # (B, 2C, H, W), likelihood in z's dtype
         mean, raw_scale = out.chunk(2, dim=1)
         return mean, raw_scale
 
@@ -125,7 +125,7 @@ class Discriminator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pooling
-        return self.logit(h).squeeze(1)
+        return self.logit(h).squeeze(1).to(x.dtype)
 
 
 def default_disc_size(image_shape: tuple[int, int, int]) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from .run import Run
 
 __all__ = [
     "adaptive_weight",
+    "autocast",
     "discriminator_step",
     "ema_beta",
     "ema_update",
@@ -71,8 +72,14 @@ def frozen(module: nn.Module | None):
             p.requires_grad_(flag)
 
 
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast of the networks for `train.precision=bf16` (a no-op for fp32). The networks hand their
+    outputs back in their input's dtype, so log-dets, log-likelihood sums, the KL and the losses stay float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor, fake: Tensor,
-                       augment_policy: tuple[str, ...] = (), r1_gamma: float = 0.0) -> dict:
+                       augment_policy: tuple[str, ...] = (), r1_gamma: float = 0.0, precision: str = "fp32") -> dict:
     """One BCE step of D on dequantized real images against model samples (real = 1, model = 0).
 
     Real and generated images go through the same differentiable augmentation and through D in one call (one
@@ -82,7 +89,8 @@ def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor
     opt.zero_grad(set_to_none=True)
     if r1_gamma > 0:
         real = real.detach().requires_grad_(True)
-    logits = disc(augment(torch.cat([real, fake.detach()]), augment_policy))
+    with autocast(real.device, precision):
+        logits = disc(augment(torch.cat([real, fake.detach()]), augment_policy))
     real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
     loss = losses.discriminator_bce(real_logits, fake_logits)
     stats = {}
@@ -159,7 +167,8 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
         adaptive:  coverage_weight * L_C + w * L_Q, w = `adaptive_weight` on the decoder's output layer
 
     `quality_weight` is lambda at this step (0 during the warm-up). `forward` is `generator_forward`'s result
-    when the step already made it (the training step shares its samples with the D step); else it is made here.
+    when the step already made it (the training step shares its samples with the D step), with
+    `batched=single_backward(tc, measure)`; else it is made here.
     With `measure`, the norms of the gradients of L_C and of L_Q (both in nats per image, unweighted) on the
     decoder and flow are returned too. `quality_weight_effective` is the weight of L_Q in units of L_C in nats.
 
@@ -168,8 +177,9 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
     """
     adversarial = quality_weight > 0 and disc is not None
     if forward is None:
-        forward = generator_forward(model, x if tc.coverage_weight > 0 else None, x.shape[0] if adversarial else 0,
-                                    batched=single_backward(tc, measure))
+        with autocast(x.device, tc.precision):
+            forward = generator_forward(model, x if tc.coverage_weight > 0 else None,
+                                        x.shape[0] if adversarial else 0, batched=single_backward(tc, measure))
     terms, fake = forward
     stats, loss_coverage, loss_quality = {}, None, None
     coverage_scale = tc.coverage_weight
@@ -185,7 +195,7 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
             "sigma_at_floor": terms.sigma_at_floor,
         }
     if adversarial:
-        with frozen(disc):  # gradients reach the decoder and the flow (through f^-1), not D
+        with frozen(disc), autocast(x.device, tc.precision):  # gradients reach the decoder and flow, not D
             loss_quality = losses.quality_loss(disc(augment(fake, tc.augment_policy)))
         stats["loss_quality"] = loss_quality.detach()
     opt.zero_grad(set_to_none=True)
@@ -200,7 +210,9 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
     else:
         params = [p for p in model.parameters() if p.requires_grad]
         shared = generating_parameters(model)
-        grads_c = torch.autograd.grad(loss_coverage, params, retain_graph=True, allow_unused=True)
+        # Two graphs (the forward was made unbatched for this path): nothing is retained, which compiled
+        # networks require.
+        grads_c = torch.autograd.grad(loss_coverage, params, allow_unused=True)
         grads_q = torch.autograd.grad(loss_quality, shared, allow_unused=True)
         weight = torch.as_tensor(quality_weight, dtype=loss_quality.dtype, device=loss_quality.device)
         if tc.balance == "adaptive":
@@ -262,8 +274,9 @@ def training_step(run: Run, data: ImageData) -> dict:
     idx = batch_indices(step, num_train, tc.batch_size, cfg.seed)
     x = dequantize(data.x_train[idx], data.levels).to(run.device)
     measure = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps  # the balance is logged at the log interval
-    forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, len(x) if adversarial else 0,
-                                batched=single_backward(tc, measure))
+    with autocast(run.device, tc.precision):
+        forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, len(x) if adversarial else 0,
+                                    batched=single_backward(tc, measure))
     if adversarial:
         for i in range(tc.d_steps):
             idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.batch_size, cfg.seed + 1)
@@ -271,9 +284,10 @@ def training_step(run: Run, data: ImageData) -> dict:
             if i == 0:
                 fake = forward[1].detach()
             else:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(run.device, tc.precision):
                     fake = run.model.sample(len(x))
-            stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma)
+            stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma,
+                                        tc.precision)
     stats |= generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, step, measure, forward=forward)
     run.guard.watch(step, **{k: stats[k] for k in ("loss_coverage", "loss_quality", "loss_d") if k in stats})
     if quality_weight > 0 and not cfg.is_gan:
