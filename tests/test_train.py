@@ -1,6 +1,11 @@
 """Training: run directory contents, exact resume, non-finite losses, checkpoint errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -185,3 +190,88 @@ def test_speed_modes_give_the_float32_step_to_tolerance(tmp_path, digits, mode):
         with autocast(run.device, "bf16"):
             y, logdet = run.model.flow(torch.rand(4, 1, 8, 8))
         assert y.dtype == logdet.dtype == torch.float32
+
+
+KILL_OVERRIDES = ["train.steps=200", "train.ckpt_every=25", "train.keep_checkpoints=2", "train.warmup_steps=20",
+                  "train.quality_ramp_steps=20", "train.augment=color,translation,cutout", "train.r1_gamma=0.1",
+                  "train.eval_every=0", "train.sample_every=0", "train.eval_iw_samples=0", "train.num_threads=1",
+                  "train.device=cpu", "train.log_every=25"]
+
+
+def _cqf(out, extra=()):
+    command = [sys.executable, "-m", "cqf", "train", "digits-cq-f", "--out", str(out), "--quiet"]
+    for item in [*KILL_OVERRIDES, *extra]:
+        command += ["--set", item]
+    return command
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_middle_then_resume_is_bitwise_identical(tmp_path):
+    """A CQ-F run (D, both optimizers, EMA, adaptive weight, ramp, augmentation, R1) killed with SIGKILL while
+    it trains, then resumed by the same command, ends with exactly the weights of an uninterrupted run."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(_cqf(tmp_path / "straight"), check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cqf(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed" / "ckpt-0000050.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run ended before the kill"
+    assert checkpoint.latest(tmp_path / "killed").name != "ckpt-0000200.pt"
+    subprocess.run(_cqf(tmp_path / "killed"), check=True, env=env, capture_output=True, timeout=600)
+    straight = torch.load(tmp_path / "straight" / "ckpt-0000200.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "ckpt-0000200.pt", weights_only=True)
+    assert all(straight[k] is not None for k in ("model", "ema", "disc", "opt_g", "opt_d"))
+    assert _states_equal(straight, resumed) is None
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path, digits, monkeypatch):
+    """torch.save fails half-way (ENOSPC): one-line CheckpointError naming the intact checkpoint, no partial file,
+    and the run resumes from that checkpoint once space is back."""
+    import errno
+
+    original = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("ckpt-0000004.pt.tmp"):
+            with open(f, "wb") as out:
+                out.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"No space left on device.*ckpt-0000002.pt is intact.*rerun"):
+        train(tiny_config(steps=4, eval_every=0, sample_every=0), tmp_path, data=digits, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-0000002.pt"]
+    assert checkpoint.load(tmp_path / "ckpt-0000002.pt") is not None
+    monkeypatch.setattr(torch, "save", original)
+    train(tiny_config(steps=4, eval_every=0, sample_every=0), tmp_path, data=digits, progress=False)
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_best_checkpoint_follows_validation_bits_per_dim_and_is_never_pruned(tmp_path, digits, monkeypatch):
+    """Validation bits/dim 3.0, 2.0, 2.5, 2.8 at steps 2, 4, 6, 8: best.pt is step 4's state, kept while the
+    step checkpoints are pruned to the newest one; a resumed run knows the best value so far."""
+    from cqf import train as train_module
+
+    real, scores = train_module.sharded_bits_per_dim, iter([3.0, 2.0, 2.5, 2.8])
+
+    def scripted(model, x_int, levels, num_importance, device):
+        if len(x_int) == len(digits.x_val):
+            return {"bpd_elbo": next(scores)}
+        return real(model, x_int, levels, num_importance, device)
+
+    monkeypatch.setattr(train_module, "sharded_bits_per_dim", scripted)
+    train(tiny_config(steps=8, eval_every=2, ckpt_every=2, keep_checkpoints=1, sample_every=0), tmp_path,
+          data=digits, progress=False)
+    payload = checkpoint.load_payload(tmp_path / checkpoint.BEST)
+    assert payload["step"] == 4 and payload["val_bpd_elbo"] == 2.0
+    assert checkpoint.best_bpd(tmp_path) == 2.0
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-0000008.pt"]  # keep_checkpoints=1
+    assert checkpoint.latest(tmp_path).name == "ckpt-0000008.pt"
+    assert checkpoint.load(tmp_path / checkpoint.BEST).model is not None
+    scores = iter([2.1])  # resumed to step 10: 2.1 is not better than the 2.0 of best.pt
+    train(tiny_config(steps=10, eval_every=10, ckpt_every=2, keep_checkpoints=1, sample_every=0), tmp_path,
+          data=digits, progress=False)
+    assert checkpoint.load_payload(tmp_path / checkpoint.BEST)["step"] == 4

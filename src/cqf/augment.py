@@ -2,7 +2,8 @@
 
 Real and generated images go through the same random family of transforms, in the D step and in the G step,
 so that D cannot memorise a small training set and its gradients still reach the generator. Pure functions of
-model-space images (B, C, H, W) in (-1, 1); randomness from the global RNG (reseeded every training step).
+model-space images (B, C, H, W) in (-1, 1); randomness from the global RNG (reseeded every training step),
+drawn per sample (`cqf.distributed`).
 """
 
 from __future__ import annotations
@@ -11,26 +12,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .distributed import rand_rows, randint_rows
+
 __all__ = ["POLICIES", "augment", "color", "cutout", "translation"]
 
 
 def color(x: Tensor) -> Tensor:
     """Per image: brightness shift in [-0.5, 0.5], saturation factor in [0, 2], contrast factor in [0.5, 1.5]."""
     b = x.shape[0]
-    x = x + (torch.rand(b, 1, 1, 1, dtype=x.dtype, device=x.device) - 0.5)
+    x = x + (rand_rows(b, 1, 1, 1, dtype=x.dtype, device=x.device) - 0.5)
     if x.shape[1] > 1:  # saturation: scale the distance to the per-pixel channel mean
         mean = x.mean(dim=1, keepdim=True)
-        x = (x - mean) * (2 * torch.rand(b, 1, 1, 1, dtype=x.dtype, device=x.device)) + mean
+        x = (x - mean) * (2 * rand_rows(b, 1, 1, 1, dtype=x.dtype, device=x.device)) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * (torch.rand(b, 1, 1, 1, dtype=x.dtype, device=x.device) + 0.5) + mean
+    return (x - mean) * (rand_rows(b, 1, 1, 1, dtype=x.dtype, device=x.device) + 0.5) + mean
 
 
 def translation(x: Tensor, ratio: float = 0.125) -> Tensor:
     """Per image: shift by up to `ratio` of the size in each direction (whole pixels), zeros shifted in."""
     b, _, h, w = x.shape
     max_dy, max_dx = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    dy = torch.randint(-max_dy, max_dy + 1, (b, 1, 1), device=x.device)
-    dx = torch.randint(-max_dx, max_dx + 1, (b, 1, 1), device=x.device)
+    dy = randint_rows(-max_dy, max_dy + 1, b, 1, 1, device=x.device)
+    dx = randint_rows(-max_dx, max_dx + 1, b, 1, 1, device=x.device)
     rows = torch.arange(h, device=x.device).view(1, h, 1) - dy + max_dy  # source row in the padded image
     cols = torch.arange(w, device=x.device).view(1, 1, w) - dx + max_dx
     padded = F.pad(x, (max_dx, max_dx, max_dy, max_dy))
@@ -42,8 +45,8 @@ def cutout(x: Tensor, ratio: float = 0.5) -> Tensor:
     """Per image: zero a square of `ratio` of the size at a random position (it may hang over the border)."""
     b, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    top = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), device=x.device) - ch // 2
-    left = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), device=x.device) - cw // 2
+    top = randint_rows(0, h + (1 - ch % 2), b, 1, 1, device=x.device) - ch // 2
+    left = randint_rows(0, w + (1 - cw % 2), b, 1, 1, device=x.device) - cw // 2
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     inside = (rows >= top) & (rows < top + ch) & (cols >= left) & (cols < left + cw)

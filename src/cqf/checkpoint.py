@@ -18,7 +18,8 @@ from .config import Config, from_dict, to_dict
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, read_safetensors, write_safetensors
 
-__all__ = ["FORMAT", "LoadedModel", "latest", "load", "load_payload", "prune", "save", "save_safetensors"]
+__all__ = ["BEST", "FORMAT", "LoadedModel", "best_bpd", "latest", "load", "load_payload", "prune", "save",
+           "save_safetensors"]
 
 FORMAT = "cqf-checkpoint-v1"
 
@@ -28,10 +29,26 @@ def _state_of(value):
 
 
 def save(path: Path, **state) -> None:
-    """Save state dicts (modules, optimizers) and plain entries (step, config, ...) atomically."""
+    """Save state dicts (modules, optimizers) and plain entries (step, config, ...) atomically.
+
+    A failed write (full disk, quota, file-size limit) is a one-line CheckpointError; the file at `path` and
+    every other checkpoint are left as they were.
+    """
+    path = Path(path)
     payload = {key: _state_of(value) for key, value in state.items()}
     payload |= {"format": FORMAT, "version": __version__}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    try:
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        previous = latest(path.parent)
+        kept = f"the last good checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write {path} ({_reason(err)}); {kept}: free disk space and rerun the "
+                              "same command to resume") from None
+
+
+def _reason(err: Exception) -> str:
+    lines = str(err).splitlines()
+    return (getattr(err, "strerror", None) or (lines[0] if lines else type(err).__name__))[:120]
 
 
 def load_payload(path: Path) -> dict:
@@ -58,6 +75,20 @@ def latest(run_dir: Path) -> Path | None:
     """The newest training checkpoint in run_dir (zero-padded names sort by step), or None."""
     found = sorted(Path(run_dir).glob("ckpt-*.pt"))
     return found[-1] if found else None
+
+
+BEST = "best.pt"  # the checkpoint with the lowest validation bits/dim so far (never pruned)
+
+
+def best_bpd(run_dir: Path) -> float:
+    """Validation bits/dim of `best.pt` in run_dir, or inf when there is none (or it is unreadable)."""
+    path = Path(run_dir) / BEST
+    if not path.is_file():
+        return float("inf")
+    try:
+        return float(load_payload(path).get("val_bpd_elbo", float("inf")))
+    except CheckpointError:
+        return float("inf")
 
 
 def prune(run_dir: Path, keep: int) -> None:

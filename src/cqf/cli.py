@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -98,10 +99,17 @@ def _train(args) -> None:
     from .train import train
 
     out = args.out or Path("runs") / Path(str(args.config)).stem
-    print(f"training {cfg.variant} on {cfg.data.name} -> {out}", file=sys.stderr)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
+    if not main:
+        logging.getLogger("cqf").setLevel(logging.WARNING)
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        on = f" on {world} processes" if world > 1 else ""
+        print(f"training {cfg.variant} on {cfg.data.name}{on} -> {out}", file=sys.stderr)
     train(cfg, out, progress=not args.quiet)
     results = f", test bits/dim in {out}/results.json" if not cfg.is_gan else ""
-    print(f"done: {out}/model.safetensors, samples in {out}/samples-*.png{results}")
+    if main:
+        print(f"done: {out}/model.safetensors, samples in {out}/samples-*.png{results}")
 
 
 def _eval(args) -> None:

@@ -35,6 +35,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename: a power cut cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import flows, losses, nets
 from .config import ModelConfig
+from .distributed import randn_rows
 from .errors import ConfigError
 
 __all__ = [
@@ -101,7 +102,11 @@ class FlowGaussian(nn.Module):
 
     def sample(self, mean: Tensor, raw_scale: Tensor, noise: bool = True) -> Tensor:
         """x = f^-1(mu + sigma * eps): the decoder noise lives in feature space (DESIGN section 2)."""
-        y = mean + self.log_scale(raw_scale).exp() * torch.randn_like(mean) if noise else mean
+        if noise:
+            eps = randn_rows(len(mean), *mean.shape[1:], dtype=mean.dtype, device=mean.device)
+            y = mean + self.log_scale(raw_scale).exp() * eps
+        else:
+            y = mean
         return self.flow.inverse(y)
 
 
@@ -150,9 +155,10 @@ class VAE(nn.Module):
         if not batched:
             return self.elbo(x), self.sample(num_samples, noise=noise)
         q_mean, q_log_scale = self.encoder(x)
-        z = q_mean + q_log_scale.exp() * torch.randn_like(q_mean)
+        z = q_mean + q_log_scale.exp() * randn_rows(len(q_mean), q_mean.shape[1], dtype=q_mean.dtype,
+                                                     device=q_mean.device)
         if num_samples:
-            z = torch.cat([z, torch.randn(num_samples, self.latent_dim, dtype=z.dtype, device=z.device)])
+            z = torch.cat([z, randn_rows(num_samples, self.latent_dim, dtype=z.dtype, device=z.device)])
         mean, raw_scale = self.decoder(z)
         batch = x.shape[0]
         log_px_z = self.likelihood.log_prob(self.likelihood.features(x), mean[:batch], raw_scale[:batch])
@@ -188,7 +194,7 @@ class VAE(nn.Module):
     def sample(self, num_samples: int, noise: bool = True, z: Tensor | None = None) -> Tensor:
         """Model-space images: z ~ p(z) (or the given z), x = f^-1(mu(z) + sigma(z) eps)."""
         if z is None:
-            z = torch.randn(num_samples, self.latent_dim, device=self._device())
+            z = randn_rows(num_samples, self.latent_dim, device=self._device())
         return self.likelihood.sample(*self.decoder(z), noise=noise)
 
     @torch.no_grad()
@@ -210,7 +216,7 @@ class Generator(nn.Module):
 
     def sample(self, num_samples: int, noise: bool = True, z: Tensor | None = None) -> Tensor:
         if z is None:
-            z = torch.randn(num_samples, self.latent_dim, device=next(self.parameters()).device)
+            z = randn_rows(num_samples, self.latent_dim, device=next(self.parameters()).device)
         return self.decoder(z)[0]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, flows, nets
+from . import checkpoint, distributed, flows, nets
 from .config import Config, from_dict, to_dict
 from .data import ImageData, batch_indices, dequantize
 from .errors import ConfigError, TrainingError
@@ -64,8 +64,16 @@ class FiniteGuard:
             first_value.copy_(torch.where(new, value, first_value))
 
     def check(self) -> None:
-        """A one-line TrainingError naming the term and the step of the first non-finite loss, if any."""
-        bad = [(int(s), name, float(v)) for name, (s, v) in self.first.items() if int(s) >= 0]
+        """A one-line TrainingError naming the term and the step of the first non-finite loss, if any (on every
+        rank when any rank saw one: the ranks stop together)."""
+        names = sorted(self.first)
+        if not names:
+            return
+        never = torch.iinfo(torch.int64).max
+        steps = torch.stack([torch.where(self.first[n][0] < 0, never, self.first[n][0]) for n in names])
+        steps = distributed.min_over_ranks(steps).tolist()
+        bad = [(s, n, float(self.first[n][1]) if int(self.first[n][0]) == s else float("nan"))
+               for s, n in zip(steps, names, strict=True) if s != never]
         if bad:
             step, name, value = min(bad)
             raise TrainingError(
@@ -98,13 +106,21 @@ class Run:
     def state(self) -> dict:
         return {"model": self.model, "ema": self.ema, "disc": self.disc, "opt_g": self.opt_g, "opt_d": self.opt_d}
 
+    def save_best(self, run_dir: Path, val_bpd: float) -> None:
+        """`best.pt` (atomic; rank 0): this step's state, with its validation bits/dim."""
+        self.guard.check()
+        if distributed.context().is_main:
+            checkpoint.save(Path(run_dir) / checkpoint.BEST, step=self.step, config=to_dict(self.cfg),
+                            val_bpd_elbo=val_bpd, **self.meta, **self.state())
+
     def save(self, run_dir: Path) -> Path:
-        """`ckpt-{step}.pt` (atomic), then prune to the newest `train.keep_checkpoints`. Refuses (TrainingError)
-        when a loss was non-finite since the last check: the previous checkpoint stays the newest."""
+        """`ckpt-{step}.pt` (atomic; rank 0 only), then prune to the newest `train.keep_checkpoints`. Refuses
+        (TrainingError) when a loss was non-finite since the last check: the previous checkpoint stays the newest."""
         self.guard.check()
         path = Path(run_dir) / f"ckpt-{self.step:07d}.pt"
-        checkpoint.save(path, step=self.step, config=to_dict(self.cfg), **self.meta, **self.state())
-        checkpoint.prune(run_dir, self.cfg.train.keep_checkpoints)
+        if distributed.context().is_main:
+            checkpoint.save(path, step=self.step, config=to_dict(self.cfg), **self.meta, **self.state())
+            checkpoint.prune(run_dir, self.cfg.train.keep_checkpoints)
         return path
 
 
@@ -131,10 +147,11 @@ def config_changes(saved: dict, current: Config) -> list[str]:
     return [f"{key}: {old.get(key, '(absent)')} -> {new[key]}" for key in sorted(new) if old.get(key) != new[key]]
 
 
-def build_run(cfg: Config, data: ImageData, run_dir: Path) -> Run:
-    """A fresh run (seeded, ActNorm initialised on the first batch), or the newest checkpoint of `run_dir`."""
+def build_run(cfg: Config, data: ImageData, run_dir: Path, device: str | None = None) -> Run:
+    """A fresh run (seeded, ActNorm initialised on the first batch), or the newest checkpoint of `run_dir`.
+    `device` overrides `train.device` (a rank's own GPU under torchrun)."""
     tc = cfg.train
-    device = resolve_device(tc.device)
+    device = resolve_device(device or tc.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.image_shape, data.levels, gan=cfg.is_gan).to(device)
     disc = build_discriminator(cfg, data.image_shape)

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import losses
+from . import distributed, losses
 from .augment import augment
 from .config import Config, TrainConfig
 from .data import ImageData, batch_indices, dequantize
@@ -89,8 +89,8 @@ def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor
     opt.zero_grad(set_to_none=True)
     if r1_gamma > 0:
         real = real.detach().requires_grad_(True)
-    with autocast(real.device, precision):
-        logits = disc(augment(torch.cat([real, fake.detach()]), augment_policy))
+    with autocast(real.device, precision):  # augmented apart: the per-sample draws follow the batch's rows
+        logits = disc(torch.cat([augment(real, augment_policy), augment(fake.detach(), augment_policy)]))
     real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
     loss = losses.discriminator_bce(real_logits, fake_logits)
     stats = {}
@@ -100,6 +100,7 @@ def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor
         loss = loss + r1_gamma / 2 * penalty
         stats["r1_penalty"] = penalty.detach()
     loss.backward()
+    distributed.average_parameter_gradients(disc.parameters())
     opt.step()
     return stats | {
         "loss_d": loss.detach(),
@@ -201,11 +202,14 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
     opt.zero_grad(set_to_none=True)
     if loss_quality is None:
         loss_coverage.backward()
+        distributed.average_parameter_gradients(model.parameters())
     elif loss_coverage is None:
         (quality_weight * loss_quality).backward()
+        distributed.average_parameter_gradients(model.parameters())
         stats["quality_weight_effective"] = torch.as_tensor(quality_weight)
     elif single_backward(tc, measure):
         (loss_coverage + quality_weight * loss_quality).backward()
+        distributed.average_parameter_gradients(model.parameters())
         stats["quality_weight_effective"] = torch.as_tensor(quality_weight / coverage_scale)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -214,6 +218,8 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
         # networks require.
         grads_c = torch.autograd.grad(loss_coverage, params, allow_unused=True)
         grads_q = torch.autograd.grad(loss_quality, shared, allow_unused=True)
+        averaged = distributed.average_gradients([*grads_c, *grads_q])  # the weight from the global gradients
+        grads_c, grads_q = averaged[: len(grads_c)], averaged[len(grads_c) :]
         weight = torch.as_tensor(quality_weight, dtype=loss_quality.dtype, device=loss_quality.device)
         if tc.balance == "adaptive":
             last = model.decoder.last.weight
@@ -263,32 +269,15 @@ def training_step(run: Run, data: ImageData) -> dict:
     One batch of samples, made with the ELBO's decoder call, serves the first D step (detached) and then the
     generator step, re-scored by the updated D (as in DCGAN's reference loop). Further D steps
     (`train.d_steps` > 1) draw their own samples. Non-finite losses are recorded on the device (`run.guard`)
-    and raised at the next log step or checkpoint, so the step has no host sync.
+    and raised at the next log step or checkpoint, so the step has no host sync. Under torchrun each rank
+    runs its rows of the global batch and the gradients are averaged (`cqf.distributed`).
     """
     cfg, tc, step = run.cfg, run.cfg.train, run.step
     # Reseed from (seed, step): dequantization, z and decoder noise are exact on resume.
     torch.manual_seed(cfg.seed * 1_000_003 + step)
     quality_weight = quality_weight_at(cfg, step)
-    adversarial = quality_weight > 0 and run.disc is not None
-    num_train, stats = len(data.x_train), {}
-    idx = batch_indices(step, num_train, tc.batch_size, cfg.seed)
-    x = dequantize(data.x_train[idx], data.levels).to(run.device)
-    measure = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps  # the balance is logged at the log interval
-    with autocast(run.device, tc.precision):
-        forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, len(x) if adversarial else 0,
-                                    batched=single_backward(tc, measure))
-    if adversarial:
-        for i in range(tc.d_steps):
-            idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.batch_size, cfg.seed + 1)
-            x_real = dequantize(data.x_train[idx_d], data.levels).to(run.device)
-            if i == 0:
-                fake = forward[1].detach()
-            else:
-                with torch.no_grad(), autocast(run.device, tc.precision):
-                    fake = run.model.sample(len(x))
-            stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma,
-                                        tc.precision)
-    stats |= generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, step, measure, forward=forward)
+    with distributed.shard():
+        stats = _sharded_step(run, data, quality_weight)
     run.guard.watch(step, **{k: stats[k] for k in ("loss_coverage", "loss_quality", "loss_d") if k in stats})
     if quality_weight > 0 and not cfg.is_gan:
         stats["quality_weight"] = quality_weight
@@ -296,3 +285,29 @@ def training_step(run: Run, data: ImageData) -> dict:
         ema_update(run.ema, run.model, ema_beta(tc.batch_size, tc.ema_halflife_kimg))
     run.step += 1
     return stats
+
+
+def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
+    """The D and G steps on this rank's rows of the global batch (all of it in a single process)."""
+    cfg, tc, step = run.cfg, run.cfg.train, run.step
+    adversarial = quality_weight > 0 and run.disc is not None
+    num_train, stats = len(data.x_train), {}
+    idx = batch_indices(step, num_train, tc.batch_size, cfg.seed)
+    x = distributed.shard_rows(dequantize(data.x_train[idx], data.levels)).to(run.device)
+    measure = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps  # the balance is logged at the log interval
+    with autocast(run.device, tc.precision):
+        forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, len(x) if adversarial else 0,
+                                    batched=single_backward(tc, measure))
+    if adversarial:
+        for i in range(tc.d_steps):
+            idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.batch_size, cfg.seed + 1)
+            x_real = distributed.shard_rows(dequantize(data.x_train[idx_d], data.levels)).to(run.device)
+            if i == 0:
+                fake = forward[1].detach()
+            else:
+                with torch.no_grad(), autocast(run.device, tc.precision):
+                    fake = run.model.sample(len(x))
+            stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma,
+                                        tc.precision)
+    return stats | generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, step, measure,
+                                  forward=forward)

@@ -5,7 +5,8 @@
                               Periodic: logging, validation, grids, checkpoints
 
 A run directory holds config.yaml, metrics.jsonl, tb/ (TensorBoard), samples-*.png, recon-*.png,
-ckpt-*.pt (resumable), and at the end model.safetensors and results.json (test bits/dim).
+ckpt-*.pt (resumable; the newest `train.keep_checkpoints`), best.pt (lowest validation bits/dim so far), and at
+the end model.safetensors and results.json (test bits/dim).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import Config, to_dict
 from .data import ImageData, dequantize, load_dataset, to_unit
 from .images import save_grid
@@ -37,15 +38,18 @@ SHOWN = ("loss_coverage", "bpd", "loss_quality", "loss_d", "d_acc_real", "d_acc_
 
 
 class _Logger:
-    """metrics.jsonl and TensorBoard, written together."""
+    """metrics.jsonl and TensorBoard, written together (by rank 0 only; the other ranks' logger writes nothing)."""
 
     def __init__(self, run_dir: Path):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.active = distributed.context().is_main
         self.path = run_dir / "metrics.jsonl"
-        self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.writer = SummaryWriter(str(run_dir / "tb")) if self.active else None
 
     def write(self, step: int, record: dict) -> None:
+        if not self.active:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
         for key, value in record.items():
@@ -54,10 +58,12 @@ class _Logger:
         self.writer.flush()
 
     def image(self, tag: str, path: Path, images: Tensor, step: int) -> None:
-        self.writer.add_image(tag, save_grid(images, path), step)
+        if self.active:
+            self.writer.add_image(tag, save_grid(images, path), step)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.active:
+            self.writer.close()
 
 
 class Periodic:
@@ -74,23 +80,28 @@ class Periodic:
         self.x_show = (data.x_val if len(data.x_val) >= 32 else data.x_train)[:32].to(run.device)
         self.start_time, self.first_step, self.last_logged = time.monotonic(), run.step, run.step
         self.last_ckpt: Path | None = None
+        self.best_bpd = checkpoint.best_bpd(run_dir)  # of best.pt, kept beside the last checkpoints
         self.stats: dict = {}
         self.quality_on = quality_active(run.cfg, run.step)
-        self.bar = tqdm(total=tc.steps, initial=run.step, disable=not progress, desc="train", unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=tc.steps, initial=run.step, disable=not (progress and distributed.context().is_main),
+                        desc="train", unit="step", dynamic_ncols=True)
         if run.changed:
             self.logger.write(run.step, {"event": "resume", "changed": run.changed})
 
     def out_of_time(self) -> bool:
         minutes = self.run.cfg.train.minutes
-        if minutes > 0 and time.monotonic() - self.start_time > minutes * 60:
+        if minutes > 0 and distributed.any_rank(time.monotonic() - self.start_time > minutes * 60, self.run.device):
             log.info("wall-clock budget of %.1f minutes reached at step %d", minutes, self.run.step)
             return True
         return False
 
     def log_stats(self) -> dict:
+        """Write the last step's statistics (means over the ranks) and the throughput."""
         run = self.run
-        record = {k: float(v) for k, v in self.stats.items()}
+        names = sorted(self.stats)
+        values = torch.stack([torch.as_tensor(self.stats[k], dtype=torch.float64).to(run.device) for k in names])
+        values = distributed.sum_over_ranks(values) / distributed.context().world
+        record = dict(zip(names, values.tolist(), strict=True))
         elapsed = max(time.monotonic() - self.start_time, 1e-9)
         record["images_per_s"] = (run.step - self.first_step) * run.cfg.train.batch_size / elapsed
         self.logger.write(run.step, record)
@@ -110,8 +121,11 @@ class Periodic:
             self.bar.set_postfix({k: f"{record[k]:.3g}" for k in SHOWN if k in record})
         model = run.eval_model
         if isinstance(model, DensityModel) and tc.eval_every > 0 and step % tc.eval_every == 0 and len(self.data.x_val):
-            val = bits_per_dim(model, self.data.x_val, self.data.levels, num_importance=0, device=run.device)
+            val = sharded_bits_per_dim(model, self.data.x_val, self.data.levels, 0, run.device)
             self.logger.write(step, {"val_bpd_elbo": val["bpd_elbo"]})
+            if val["bpd_elbo"] < self.best_bpd:
+                run.save_best(self.run_dir, val["bpd_elbo"])
+                self.best_bpd = val["bpd_elbo"]
         if tc.sample_every > 0 and step % tc.sample_every == 0:
             self.grids()
         if tc.ckpt_every > 0 and step % tc.ckpt_every == 0:
@@ -119,6 +133,8 @@ class Periodic:
 
     def grids(self) -> None:
         """samples-{step}.png from the fixed z and noise seed (progress is watchable); recon-{step}.png."""
+        if not distributed.context().is_main:
+            return
         model, levels, step = self.run.eval_model, self.data.levels, self.run.step
         was_training = model.training
         model.eval()
@@ -145,11 +161,15 @@ def finish(run: Run, data: ImageData, run_dir: Path, periodic: Periodic) -> nn.M
         run.save(run_dir)
     periodic.grids()
     model = run.eval_model
-    checkpoint.save_safetensors(run_dir / "model.safetensors", model, run.cfg, **run.meta)
+    distributed.check_replicas(run.model, run.device)
+    main = distributed.context().is_main
+    if main:
+        checkpoint.save_safetensors(run_dir / "model.safetensors", model, run.cfg, **run.meta)
     if isinstance(model, DensityModel):
-        results = bits_per_dim(model, data.x_test, data.levels, tc.eval_iw_samples, device=run.device)
+        results = sharded_bits_per_dim(model, data.x_test, data.levels, tc.eval_iw_samples, run.device)
         results |= {"split": "test", "step": step, "variant": run.cfg.variant, "data": data.name}
-        write_json(results, run_dir / "results.json")
+        if main:
+            write_json(results, run_dir / "results.json")
         periodic.logger.write(step, {f"test_{k}": v for k, v in results.items() if isinstance(v, float)})
         log.info("test bits/dim: ELBO %.4f%s", results["bpd_elbo"],
                  f", IWAE-{tc.eval_iw_samples} {results['bpd_iwae']:.4f}" if tc.eval_iw_samples else "")
@@ -157,16 +177,37 @@ def finish(run: Run, data: ImageData, run_dir: Path, periodic: Periodic) -> nn.M
     return model.eval()
 
 
+def sharded_bits_per_dim(model: DensityModel, x_int: Tensor, levels: int, num_importance: int,
+                         device: torch.device) -> dict:
+    """`bits_per_dim` of all of `x_int`, each rank scoring a contiguous share (no padding, no image twice).
+    With several ranks the dequantization and importance draws differ from a single process's (seed + rank):
+    the same estimator, other noise."""
+    ctx = distributed.context()
+    if not ctx.distributed:
+        return bits_per_dim(model, x_int, levels, num_importance, device=device)
+    share = torch.tensor_split(torch.arange(len(x_int)), ctx.world)[ctx.rank]
+    part = bits_per_dim(model, x_int[share], levels, num_importance, device=device, seed=ctx.rank) if len(share) \
+        else {"bpd_elbo": 0.0, "bpd_iwae": 0.0}
+    n = float(len(share))
+    sums = distributed.sum_over_ranks(torch.tensor(
+        [n * part["bpd_elbo"], n * part.get("bpd_iwae", 0.0), n], dtype=torch.float64, device=device)).tolist()
+    result = {"bpd_elbo": sums[0] / sums[2]} | ({"bpd_iwae": sums[1] / sums[2]} if num_importance > 0 else {})
+    return result | {"iw_samples": num_importance, "num_images": len(x_int), "dequantization_seed": "0..ranks-1"}
+
+
 def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progress: bool = True) -> nn.Module:
     """Train (or resume from the newest checkpoint in run_dir) and return the model used for evaluation
-    (the EMA when `train.ema_halflife_kimg > 0`), in eval mode."""
+    (the EMA when `train.ema_halflife_kimg > 0`), in eval mode. Under torchrun (WORLD_SIZE > 1) every rank
+    calls this; see `cqf.distributed`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    ctx, device = distributed.init_from_env(cfg.train.device, cfg.train.batch_size)
     data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size)
-    run = build_run(cfg, data, run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    run = build_run(cfg, data, run_dir, device)
+    if ctx.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     periodic = Periodic(run, data, run_dir, progress)
     run.model.train()
     try:

@@ -1,0 +1,187 @@
+"""Data-parallel training on torch.distributed: `torchrun --nproc_per_node=N -m cqf train ...`.
+
+Every rank holds a full replica. `train.batch_size` stays the global batch: rank r takes rows
+[r B/N, (r+1) B/N) of the step's batch, and every per-sample random draw of the step (dequantization, z,
+decoder noise, augmentation) is the rank's rows of the draw a single process would make, so a run's data and
+noise do not depend on N. Gradients are averaged with one all-reduce per optimizer step (the adaptive weight
+is computed from the averaged gradients), so the replicas stay identical and the run is, to float rounding,
+the single-process run. NCCL on GPUs, gloo on CPUs; only rank 0 writes files.
+
+With one process (no torchrun) every function here is the plain single-process operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import ConfigError
+
+__all__ = [
+    "Context",
+    "any_rank",
+    "average_gradients",
+    "average_parameter_gradients",
+    "check_replicas",
+    "context",
+    "init_from_env",
+    "min_over_ranks",
+    "rand_rows",
+    "randint_rows",
+    "randn_rows",
+    "shard",
+    "shard_rows",
+    "sum_over_ranks",
+]
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+_CONTEXT = Context()
+_SHARDED = False  # inside a training step: per-sample draws are this rank's rows of the global draw
+
+
+def context() -> Context:
+    return _CONTEXT
+
+
+def init_from_env(device: str, batch_size: int) -> tuple[Context, str]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), once; returns the context and the device
+    this rank trains on (`cuda:LOCAL_RANK` under NCCL)."""
+    global _CONTEXT
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _CONTEXT, device
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must divide evenly over the "
+                          f"{world} processes; set it to a multiple of {world}")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    _CONTEXT = Context(rank, world, local_rank)
+    return _CONTEXT, device
+
+
+@contextlib.contextmanager
+def shard():
+    """Per-sample draws inside the block are this rank's rows of the global batch's draw."""
+    global _SHARDED
+    previous, _SHARDED = _SHARDED, _CONTEXT.distributed
+    try:
+        yield
+    finally:
+        _SHARDED = previous
+
+
+def shard_rows(x: Tensor) -> Tensor:
+    """This rank's rows of a global batch (all of it with one process)."""
+    if not _CONTEXT.distributed:
+        return x
+    rows = len(x) // _CONTEXT.world
+    return x[_CONTEXT.rank * rows : (_CONTEXT.rank + 1) * rows]
+
+
+def _rows(draw, rows: int, *args, **kwargs) -> Tensor:
+    if not _SHARDED:
+        return draw(rows, *args, **kwargs)
+    full = draw(rows * _CONTEXT.world, *args, **kwargs)
+    return full[_CONTEXT.rank * rows : (_CONTEXT.rank + 1) * rows]
+
+
+def randn_rows(rows: int, *shape: int, **kwargs) -> Tensor:
+    """`torch.randn(rows, *shape)`; in a sharded step, this rank's rows of the global draw."""
+    return _rows(lambda n, *s, **k: torch.randn(n, *s, **k), rows, *shape, **kwargs)
+
+
+def rand_rows(rows: int, *shape: int, **kwargs) -> Tensor:
+    """`torch.rand(rows, *shape)`; in a sharded step, this rank's rows of the global draw."""
+    return _rows(lambda n, *s, **k: torch.rand(n, *s, **k), rows, *shape, **kwargs)
+
+
+def randint_rows(low: int, high: int, rows: int, *shape: int, **kwargs) -> Tensor:
+    """`torch.randint(low, high, (rows, *shape))`; in a sharded step, this rank's rows of the global draw."""
+    return _rows(lambda n, *s, **k: torch.randint(low, high, (n, *s), **k), rows, *shape, **kwargs)
+
+
+def average_gradients(grads: list[Tensor | None]) -> list[Tensor | None]:
+    """The mean over ranks of each gradient, with one all-reduce (None stays None: it is None on every rank,
+    since every rank runs the same graph)."""
+    if not _CONTEXT.distributed:
+        return grads
+    present = [g for g in grads if g is not None]
+    flat = torch.cat([g.reshape(-1) for g in present])
+    dist.all_reduce(flat)
+    flat /= _CONTEXT.world
+    out, offset = [], 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return out
+
+
+def average_parameter_gradients(parameters) -> None:
+    """Replace every `.grad` of `parameters` by its mean over ranks."""
+    if not _CONTEXT.distributed:
+        return
+    params = [p for p in parameters if p.grad is not None]
+    for p, g in zip(params, average_gradients([p.grad for p in params]), strict=True):
+        p.grad = g
+
+
+def sum_over_ranks(values: Tensor) -> Tensor:
+    """Elementwise sum over ranks of a small tensor (a copy; the input is untouched)."""
+    values = values.clone()
+    if _CONTEXT.distributed:
+        dist.all_reduce(values)
+    return values
+
+
+def min_over_ranks(values: Tensor) -> Tensor:
+    """Elementwise minimum over ranks of a small tensor (a copy)."""
+    values = values.clone()
+    if _CONTEXT.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is true on any (e.g. the wall-clock budget: all ranks stop together)."""
+    if not _CONTEXT.distributed:
+        return flag
+    return bool(sum_over_ranks(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def check_replicas(module: torch.nn.Module, device: torch.device | str) -> None:
+    """Raise if this rank's weights differ from rank 0's (they must be identical after every step)."""
+    if not _CONTEXT.distributed:
+        return
+    flat = torch.cat([t.detach().reshape(-1).double() for t in module.state_dict().values() if t.is_floating_point()])
+    reference = flat.clone().to(device)
+    dist.broadcast(reference, 0)
+    if not torch.equal(reference, flat.to(device)):
+        raise RuntimeError(f"rank {_CONTEXT.rank}: the model replica differs from rank 0's")
