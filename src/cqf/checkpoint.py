@@ -7,6 +7,7 @@ metadata; `load` reads either and returns a `LoadedModel`.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,13 +43,19 @@ def save(path: Path, **state) -> None:
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         previous = latest(path.parent)
         kept = f"the last good checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write {path} ({_reason(err)}); {kept}: free disk space and rerun the "
-                              "same command to resume") from None
+        raise CheckpointError(f"could not write {path} ({_reason(err, path)}); {kept}: free disk space and rerun "
+                              "the same command to resume") from None
 
 
-def _reason(err: Exception) -> str:
-    lines = str(err).splitlines()
-    return (getattr(err, "strerror", None) or (lines[0] if lines else type(err).__name__))[:120]
+def _reason(err: Exception, path: Path) -> str:
+    """The OS's words for a failed write (torch.save's own error text names its C++ source line instead)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return "write failed"
+    return f"write failed with {free / 2**20:.1f} MiB free on its file system"
 
 
 def load_payload(path: Path) -> dict:
