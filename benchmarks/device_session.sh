@@ -2,7 +2,7 @@
 # One short GPU lease, one call: throughput before/after with the card to itself, then the CIFAR-10 Table-1 runs
 # (the five variants, two seeds, sharing the card for MINUTES each). Results land in $OUT.
 #
-# Prepare on this machine (the files travel with the working tree; do not commit them):
+# Prepare on this machine (both folders are git-ignored: pass them as the device call's carry, 57 MiB in all):
 #   python benchmarks/device_cifar10.py --pack ../shared/data/cifar10.npz --train 24000 --test 2000 --to .devdata/c10.xz
 #   mkdir -p devrun/old && git archive 1983ede src | tar -x -C devrun/old     # the step before the speed work
 # Run there:   MINUTES=3.5 bash benchmarks/device_session.sh          (about 8.5 minutes in all)
