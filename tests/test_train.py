@@ -275,3 +275,31 @@ def test_best_checkpoint_follows_validation_bits_per_dim_and_is_never_pruned(tmp
     train(tiny_config(steps=10, eval_every=10, ckpt_every=2, keep_checkpoints=1, sample_every=0), tmp_path,
           data=digits, progress=False)
     assert checkpoint.load_payload(tmp_path / checkpoint.BEST)["step"] == 4
+
+
+def test_deterministic_mode_is_on_while_training_and_restored_after(tmp_path, digits, monkeypatch):
+    from cqf import train as train_module
+
+    seen = []
+    real_step = train_module.training_step
+    monkeypatch.setattr(train_module, "training_step",
+                        lambda run, data: seen.append(torch.are_deterministic_algorithms_enabled()) or
+                        real_step(run, data))
+    train(tiny_config(steps=2, deterministic=True, eval_every=0, sample_every=0), tmp_path, data=digits,
+          progress=False)
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
+    """Loading uses weights_only: a pickle that would run a command on load is a one-line error instead."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": Payload()}, path)
+    with pytest.raises(CheckpointError, match="corrupt, truncated or not a PyTorch file"):
+        checkpoint.load(path)
+    assert not marker.exists()

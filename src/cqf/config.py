@@ -117,6 +117,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16: autocast of the networks; log-dets, likelihood sums and KL in float32
     channels_last: bool = False  # NHWC memory layout of every network and input (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the networks (encoder, decoder, coupling nets, discriminator)
+    deterministic: bool = False  # deterministic GPU kernels (slower; an op without one raises), see README
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
 
     def __post_init__(self):

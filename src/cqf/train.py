@@ -11,8 +11,10 @@ the end model.safetensors and results.json (test bits/dim).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -203,6 +205,27 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    with _deterministic(cfg.train.deterministic):
+        return _train(cfg, run_dir, data, progress)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """`train.deterministic`: torch's deterministic algorithms (an op without one raises), no cuDNN autotuning,
+    cuBLAS's fixed workspace; the previous settings are restored afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+
+
+def _train(cfg: Config, run_dir: Path, data: ImageData | None, progress: bool) -> nn.Module:
     ctx, device = distributed.init_from_env(cfg.train.device, cfg.train.batch_size)
     data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size)
     run = build_run(cfg, data, run_dir, device)
