@@ -165,15 +165,18 @@ def _final(run: Path, step: int) -> dict:
     return payload
 
 
-def _kill_when(run: Path, args: list[str], ready, sig=signal.SIGKILL) -> subprocess.Popen:
+def _kill_when(run: Path, args: list[str], ready, sig=signal.SIGKILL) -> tuple[int, str]:
+    """Start `cqf ARGS`, send `sig` once `ready()` holds; (exit status, stderr)."""
     command = [shutil.which("cqf") or sys.executable, *([] if shutil.which("cqf") else ["-m", "cqf"]), *args]
-    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not ready() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    proc.wait()
-    return proc
+    log = run.parent / f"{run.name}-{sig.name}.log"  # stderr to a file: a pipe nobody reads could fill up
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + 300
+        while not ready() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        proc.wait()
+    return proc.returncode, log.read_text()
 
 
 def case_sigkill_resume(folder: Path):
@@ -184,8 +187,10 @@ def case_sigkill_resume(folder: Path):
     if (killed / "model.safetensors").exists():
         return False, "the run finished before the kill"
     result = cqf(*train_args(killed, extra=KILL))
-    same = result.returncode == 0 and _states_equal(_final(straight, 300), _final(killed, 300))
-    return same, f"killed at {at}, resumed: final state {'bit-identical' if same else 'DIFFERS'}"
+    resumed = f"resuming from {killed / at}" in result.stderr
+    same = result.returncode == 0 and resumed and _states_equal(_final(straight, 300), _final(killed, 300))
+    return same, f"killed at {at}, {'resumed from it' if resumed else 'NOT resumed'}: final state " \
+                 f"{'bit-identical' if same else 'DIFFERS'}"
 
 
 def case_kill_during_save(folder: Path):
@@ -206,12 +211,11 @@ def case_kill_during_save(folder: Path):
 
 def case_sigint(folder: Path):
     run = folder / "run"
-    proc = _kill_when(run, train_args(run, extra=["train.steps=100000"]),
-                      lambda: (run / "ckpt-0000010.pt").exists(), signal.SIGINT)
-    stderr = proc.stderr.read()
-    ok = proc.returncode == 130 and "last checkpoint in the run directory is intact" in stderr and \
+    code, stderr = _kill_when(run, train_args(run, extra=["train.steps=100000"]),
+                              lambda: (run / "ckpt-0000010.pt").exists(), signal.SIGINT)
+    ok = code == 130 and "last checkpoint in the run directory is intact" in stderr and \
         loads(max(run.glob("ckpt-*.pt")))
-    return ok, f"exit {proc.returncode}: {stderr.strip().splitlines()[-1][:120] if stderr.strip() else ''}"
+    return ok, f"exit {code}: {stderr.strip().splitlines()[-1][:120] if stderr.strip() else ''}"
 
 
 def case_full_disk(folder: Path):

@@ -288,6 +288,14 @@ def test_step_measure_path_gives_the_gradient_of_the_single_backward():
         shared = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
         torch.testing.assert_close(stats["grad_norm_coverage"], grad_norm(-terms.elbo.mean(), shared))
         torch.testing.assert_close(stats["grad_norm_quality"], grad_norm(-disc(fake).mean(), shared))
+    # adaptive: the summed gradients are those of one backward of coverage_weight * L_C + w * L_Q at the same w
+    adaptive = TrainConfig(quality_weight=3.0, coverage_weight=0.5, balance="adaptive", grad_clip=0.0)
+    apart, stats = _gradients(model, disc, adaptive, 3.0, x)
+    weight = (stats["quality_weight_effective"] * 0.5).item()  # effective weight is in units of L_C in nats
+    single, _ = _gradients(model, disc, TrainConfig(quality_weight=weight, coverage_weight=0.5, grad_clip=0.0),
+                           weight, x)
+    for name, grad in single.items():
+        torch.testing.assert_close(apart[name], grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
 def test_the_training_step_shares_its_samples_between_the_d_and_g_steps(tmp_path, digits):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def test_ema_tracks_the_model_and_is_what_samples_and_evaluation_use(tmp_path, d
     import cqf
     from cqf.step import ema_beta
 
-    settings = dict(ema_halflife_kimg=0.05, eval_every=0, sample_every=0, ckpt_every=1, keep_checkpoints=5)
+    settings = dict(ema_halflife_kimg=0.05, ema_rampup=0.0, eval_every=0, sample_every=0, ckpt_every=1,
+                    keep_checkpoints=5)
     train(tiny_config(steps=0, **settings), tmp_path, data=digits, progress=False)  # the initial weights
     returned = train(tiny_config(steps=1, **settings), tmp_path, data=digits, progress=False)
     start = torch.load(tmp_path / "ckpt-0000000.pt", weights_only=True)
@@ -80,6 +82,25 @@ def test_ema_tracks_the_model_and_is_what_samples_and_evaluation_use(tmp_path, d
     loaded = cqf.load(tmp_path / "model.safetensors")  # ...and it is what the exported model holds
     assert all(torch.equal(v, after["ema"][k]) for k, v in loaded.state_dict().items())
     assert all(torch.equal(v, after["ema"][k]) for k, v in returned.state_dict().items())
+
+
+def test_ema_rampup_limits_the_half_life_to_a_fraction_of_the_images_seen(tmp_path, digits):
+    """With train.ema_rampup = r the EMA's half-life after step s is min(h, r (s+1) B) images."""
+    from cqf.step import ema_beta
+
+    assert ema_beta(64, 10, images_seen=640, rampup=0.05) == pytest.approx(0.5 ** (64 / 32))  # 5% of 640 images
+    assert ema_beta(64, 10, images_seen=10**6, rampup=0.05) == pytest.approx(0.5 ** (64 / 10_000))  # the cap
+    assert ema_beta(64, 10, images_seen=640, rampup=0.0) == pytest.approx(0.5 ** (64 / 10_000))
+    settings = dict(ema_halflife_kimg=5.0, ema_rampup=0.5, eval_every=0, sample_every=0, ckpt_every=1,
+                    keep_checkpoints=5)
+    train(tiny_config(steps=1, **settings), tmp_path, data=digits, progress=False)
+    model = train(tiny_config(steps=2, **settings), tmp_path, data=digits, progress=False)
+    first = torch.load(tmp_path / "ckpt-0000001.pt", weights_only=True)
+    second = torch.load(tmp_path / "ckpt-0000002.pt", weights_only=True)
+    beta = 0.5 ** (16 / (0.5 * 32))  # step 1: 32 images seen, half-life 16 images (not 5,000)
+    for name, _ in model.named_parameters():
+        expected = beta * first["ema"][name] + (1 - beta) * second["model"][name]
+        torch.testing.assert_close(second["ema"][name], expected, rtol=1e-12, atol=1e-15)
 
 
 def test_resume_applies_the_new_learning_rates_and_logs_them(tmp_path, digits):
@@ -219,7 +240,10 @@ def test_sigkill_in_the_middle_then_resume_is_bitwise_identical(tmp_path):
     proc.wait()
     assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run ended before the kill"
     assert checkpoint.latest(tmp_path / "killed").name != "ckpt-0000200.pt"
-    subprocess.run(_cqf(tmp_path / "killed"), check=True, env=env, capture_output=True, timeout=600)
+    resumed_run = subprocess.run(_cqf(tmp_path / "killed"), check=True, env=env, capture_output=True, text=True,
+                                 timeout=600)
+    match = re.search(r"resuming from \S+ckpt-(\d+)\.pt at step (\d+)", resumed_run.stderr)
+    assert match and int(match.group(2)) >= 50, resumed_run.stderr[-2000:]  # a resume, not a fresh start
     straight = torch.load(tmp_path / "straight" / "ckpt-0000200.pt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "ckpt-0000200.pt", weights_only=True)
     assert all(straight[k] is not None for k in ("model", "ema", "disc", "opt_g", "opt_d"))

@@ -7,6 +7,7 @@ metadata; `load` reads either and returns a `LoadedModel`.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,18 @@ def save(path: Path, **state) -> None:
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         previous = latest(path.parent)
         kept = f"the last good checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write {path} ({_reason(err, path)}); {kept}: free disk space and rerun "
-                              "the same command to resume") from None
+        raise CheckpointError(f"could not write {path} ({_reason(err, path)}); {kept}: {_fix(err)} and rerun the "
+                              "same command to resume") from None
+
+
+def _fix(err: Exception) -> str:
+    """What the user can do about a failed write, by its cause."""
+    code = getattr(err, "errno", None)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the run directory writable"
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or not isinstance(err, OSError):
+        return "free disk space (or raise the quota)"  # torch.save reports a full disk as a RuntimeError
+    return "fix the cause above"
 
 
 def _reason(err: Exception, path: Path) -> str:

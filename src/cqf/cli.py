@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     except CQFError as err:
         print(f"cqf: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a file the command had to read or write: full disk, permissions, a missing folder
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"cqf: error: {err.strerror or err}{where}; checkpoints already in the run directory are intact",
+              file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("cqf: interrupted; the last checkpoint in the run directory is intact", file=sys.stderr)
         sys.exit(130)

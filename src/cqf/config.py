@@ -107,6 +107,7 @@ class TrainConfig:
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
+    ema_rampup: float = 0.05  # the half-life is at most this fraction of the images seen so far; 0 = off
     log_every: int = 50
     eval_every: int = 500  # validation bits/dim (ELBO) on the held-out slice; 0 = off
     sample_every: int = 500  # sample and reconstruction grids; 0 = off
@@ -115,7 +116,7 @@ class TrainConfig:
     eval_iw_samples: int = 100  # K of the IWAE-K bound reported at the end of training; 0 = ELBO only
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16: autocast of the networks; log-dets, likelihood sums and KL in float32
-    channels_last: bool = False  # NHWC memory layout of every network and input (faster convolutions on GPUs)
+    channels_last: bool = False  # NHWC memory layout of every network (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the networks (encoder, decoder, coupling nets, discriminator)
     deterministic: bool = False  # deterministic GPU kernels (slower; an op without one raises), see README
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -145,6 +146,7 @@ class TrainConfig:
             (self.d_steps >= 1 or self.quality_weight == 0,
              f"train.d_steps must be >= 1 discriminator step per generator step, got {self.d_steps}; "
              "for no discriminator set train.quality_weight=0"),
+            (self.ema_rampup >= 0, f"train.ema_rampup must be >= 0 (0 = off), got {self.ema_rampup}"),
             (self.ema_halflife_kimg >= 0,
              f"train.ema_halflife_kimg must be >= 0 (0 = no EMA), got {self.ema_halflife_kimg}"),
             (self.log_every >= 1, f"train.log_every must be >= 1 step, got {self.log_every}"),

@@ -29,11 +29,14 @@ __all__ = [
     "average_parameter_gradients",
     "check_replicas",
     "context",
+    "finish",
     "init_from_env",
+    "main_decides",
     "min_over_ranks",
     "rand_rows",
     "randint_rows",
     "randn_rows",
+    "same_on_all_ranks",
     "shard",
     "shard_rows",
     "sum_over_ranks",
@@ -126,31 +129,27 @@ def randint_rows(low: int, high: int, rows: int, *shape: int, **kwargs) -> Tenso
 
 
 def average_gradients(grads: list[Tensor | None]) -> list[Tensor | None]:
-    """The mean over ranks of each gradient, with one all-reduce (None stays None: it is None on every rank,
-    since every rank runs the same graph)."""
-    if not _CONTEXT.distributed:
-        return grads
+    """The mean over ranks of each gradient, with one all-reduce, written back in place (so each keeps its
+    memory layout, which fused Adam requires to match the parameter's). None stays None: it is None on every
+    rank, since every rank runs the same graph."""
     present = [g for g in grads if g is not None]
+    if not _CONTEXT.distributed or not present:
+        return grads
     flat = torch.cat([g.reshape(-1) for g in present])
     dist.all_reduce(flat)
     flat /= _CONTEXT.world
-    out, offset = [], 0
-    for g in grads:
-        if g is None:
-            out.append(None)
-            continue
-        out.append(flat[offset : offset + g.numel()].view_as(g))
+    offset = 0
+    for g in present:
+        g.copy_(flat[offset : offset + g.numel()].view(g.shape))
         offset += g.numel()
-    return out
+    return grads
 
 
 def average_parameter_gradients(parameters) -> None:
     """Replace every `.grad` of `parameters` by its mean over ranks."""
     if not _CONTEXT.distributed:
         return
-    params = [p for p in parameters if p.grad is not None]
-    for p, g in zip(params, average_gradients([p.grad for p in params]), strict=True):
-        p.grad = g
+    average_gradients([p.grad for p in parameters])
 
 
 def sum_over_ranks(values: Tensor) -> Tensor:
@@ -176,12 +175,37 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(sum_over_ranks(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
-def check_replicas(module: torch.nn.Module, device: torch.device | str) -> None:
-    """Raise if this rank's weights differ from rank 0's (they must be identical after every step)."""
+def check_replicas(modules: list[torch.nn.Module | None], device: torch.device | str) -> None:
+    """Raise if this rank's weights and buffers differ from rank 0's (they must be identical after every step)."""
     if not _CONTEXT.distributed:
         return
-    flat = torch.cat([t.detach().reshape(-1).double() for t in module.state_dict().values() if t.is_floating_point()])
-    reference = flat.clone().to(device)
+    flat = torch.cat([t.detach().reshape(-1).double() for m in modules if m is not None
+                      for t in m.state_dict().values() if t.is_floating_point()]).to(device)
+    reference = flat.clone()
     dist.broadcast(reference, 0)
-    if not torch.equal(reference, flat.to(device)):
-        raise RuntimeError(f"rank {_CONTEXT.rank}: the model replica differs from rank 0's")
+    if not torch.equal(reference, flat):
+        raise RuntimeError(f"rank {_CONTEXT.rank}: the replica differs from rank 0's")
+
+
+def same_on_all_ranks(value: int, device: torch.device | str = "cpu") -> bool:
+    """Whether an integer (e.g. the resumed step) is the same on every rank."""
+    if not _CONTEXT.distributed:
+        return True
+    pair = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    low, negative_high = min_over_ranks(pair).tolist()
+    return low == -negative_high
+
+
+def main_decides(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's `flag`, on every rank (a decision only rank 0 can take, e.g. from the files it writes)."""
+    if not _CONTEXT.distributed:
+        return flag
+    return any_rank(flag and _CONTEXT.is_main, device)
+
+
+def finish() -> None:
+    """Leave the process group this module joined (none with one process)."""
+    global _CONTEXT
+    if _CONTEXT.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = Context()

@@ -161,7 +161,8 @@ def build_run(cfg: Config, data: ImageData, run_dir: Path, device: str | None = 
         disc = disc.to(memory_format=torch.channels_last) if disc is not None else None
     fused = device.type == "cuda"  # one kernel per parameter group; the same update as the for-loop Adam
     opt_g = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.betas, fused=fused)
-    opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr_d, betas=tc.betas_d, fused=fused) if disc else None
+    opt_d = (torch.optim.Adam(disc.parameters(), lr=tc.lr_d, betas=tc.betas_d, fused=fused) if disc is not None
+             else None)
     ema = copy.deepcopy(model).requires_grad_(False) if tc.ema_halflife_kimg > 0 else None
     meta = {"image_shape": list(data.image_shape), "levels": data.levels, "data_name": data.name}
     run = Run(cfg, model, disc, ema, opt_g, opt_d, device, meta)
@@ -203,6 +204,11 @@ def _resume(run: Run, path: Path) -> None:
             raise TrainingError(
                 f"{path} does not fit this config ({type(err).__name__}); use a new --out directory"
             ) from None
+    for optimizer in (run.opt_g, run.opt_d):  # Adam's moments in the parameters' layout (channels_last may change)
+        for p, state in (optimizer.state.items() if optimizer is not None else []):
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p).copy_(value)
     run.step = int(payload["step"])
     run.changed = config_changes(payload.get("config", {}), run.cfg)
     refused = [c for c in run.changed if c.startswith(("data.", "seed:")) and not c.startswith("data.root:")]

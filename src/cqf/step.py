@@ -44,9 +44,16 @@ __all__ = [
 ADAPTIVE_EPS = 1e-4  # in the adaptive weight's denominator
 
 
-def ema_beta(batch_size: int, halflife_kimg: float) -> float:
-    """Per-step EMA decay from a half-life in images, so that it does not change with batch size."""
-    return 0.5 ** (batch_size / (halflife_kimg * 1000))
+def ema_beta(batch_size: int, halflife_kimg: float, images_seen: int | None = None, rampup: float = 0.0) -> float:
+    """Per-step EMA decay from a half-life in images, so that it does not change with batch size.
+
+    With `rampup > 0` the half-life is at most `rampup` times the images seen so far (StyleGAN2-ADA's EMA
+    ramp-up): early in training, when the weights move fast, the average does not lag thousands of images.
+    """
+    halflife = halflife_kimg * 1000
+    if rampup > 0 and images_seen is not None:
+        halflife = min(halflife, rampup * images_seen)
+    return 0.5 ** (batch_size / halflife) if halflife > 0 else 0.0
 
 
 @torch.no_grad()
@@ -125,7 +132,7 @@ def _adaptive(norm_coverage: Tensor, norm_quality: Tensor, quality_weight: float
 
 
 def adaptive_weight(loss_coverage: Tensor, loss_quality: Tensor, layer: nn.Parameter, quality_weight: float,
-                    max_weight: float, eps: float = 1e-4) -> Tensor:
+                    max_weight: float, eps: float = ADAPTIVE_EPS) -> Tensor:
     """w = lambda ||grad_layer L_C|| / (||grad_layer L_Q|| + eps), clamped to [0, max_weight] and detached.
 
     With lambda = 1 the adversarial gradient at `layer` has the norm of the likelihood's (the adaptive weight
@@ -230,15 +237,22 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
             stats["grad_norm_coverage"] = _norm([by_param[p] for p in shared]) / coverage_scale
             stats["grad_norm_quality"] = _norm(grads_q)
         for p, g in zip(params, grads_c, strict=True):
-            p.grad = g
+            p.grad = _layout_of(p, g)
         for p, g in zip(shared, grads_q, strict=True):
             if g is not None:
-                p.grad = weight * g if p.grad is None else p.grad.add_(weight * g)
+                p.grad = _layout_of(p, weight * g) if p.grad is None else p.grad.add_(weight * g)
         stats["quality_weight_effective"] = weight / coverage_scale
     if tc.grad_clip > 0:
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).detach()
     opt.step()
     return stats
+
+
+def _layout_of(p: nn.Parameter, g: Tensor | None) -> Tensor | None:
+    """`g` with the parameter's memory layout (as .backward() would store it; fused Adam requires it)."""
+    if g is None or g.stride() == p.stride():
+        return g
+    return torch.empty_like(p).copy_(g)
 
 
 def _index(params: list[nn.Parameter], target: nn.Parameter) -> int:
@@ -278,11 +292,12 @@ def training_step(run: Run, data: ImageData) -> dict:
     quality_weight = quality_weight_at(cfg, step)
     with distributed.shard():
         stats = _sharded_step(run, data, quality_weight)
-    run.guard.watch(step, **{k: stats[k] for k in ("loss_coverage", "loss_quality", "loss_d") if k in stats})
+    run.guard.watch(step, **{k: stats[k] for k in ("loss_coverage", "loss_quality") if k in stats})
     if quality_weight > 0 and not cfg.is_gan:
         stats["quality_weight"] = quality_weight
     if run.ema is not None:
-        ema_update(run.ema, run.model, ema_beta(tc.batch_size, tc.ema_halflife_kimg))
+        images = (step + 1) * tc.batch_size  # after this step
+        ema_update(run.ema, run.model, ema_beta(tc.batch_size, tc.ema_halflife_kimg, images, tc.ema_rampup))
     run.step += 1
     return stats
 
@@ -317,5 +332,6 @@ def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
                     fake = run.model.sample(len(x))
             stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma,
                                         tc.precision)
+            run.guard.watch(step, loss_d=stats["loss_d"])  # every D step, not only the last
     return stats | generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, step, measure,
                                   forward=forward)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import checkpoint, distributed
 from .config import Config, to_dict
 from .data import ImageData, dequantize, load_dataset, to_unit
+from .errors import ConfigError, TrainingError
 from .images import save_grid
 from .likelihood import bits_per_dim
 from .models import DensityModel
@@ -123,9 +124,10 @@ class Periodic:
             self.bar.set_postfix({k: f"{record[k]:.3g}" for k in SHOWN if k in record})
         model = run.eval_model
         if isinstance(model, DensityModel) and tc.eval_every > 0 and step % tc.eval_every == 0 and len(self.data.x_val):
+            run.guard.check()  # a diverged model is named by its first non-finite loss, not by its bits/dim
             val = sharded_bits_per_dim(model, self.data.x_val, self.data.levels, 0, run.device)
             self.logger.write(step, {"val_bpd_elbo": val["bpd_elbo"]})
-            if val["bpd_elbo"] < self.best_bpd:
+            if distributed.main_decides(val["bpd_elbo"] < self.best_bpd, run.device):  # best.pt is rank 0's file
                 run.save_best(self.run_dir, val["bpd_elbo"])
                 self.best_bpd = val["bpd_elbo"]
         if tc.sample_every > 0 and step % tc.sample_every == 0:
@@ -163,7 +165,7 @@ def finish(run: Run, data: ImageData, run_dir: Path, periodic: Periodic) -> nn.M
         run.save(run_dir)
     periodic.grids()
     model = run.eval_model
-    distributed.check_replicas(run.model, run.device)
+    distributed.check_replicas([run.model, run.disc, run.ema], run.device)
     main = distributed.context().is_main
     if main:
         checkpoint.save_safetensors(run_dir / "model.safetensors", model, run.cfg, **run.meta)
@@ -194,7 +196,8 @@ def sharded_bits_per_dim(model: DensityModel, x_int: Tensor, levels: int, num_im
     sums = distributed.sum_over_ranks(torch.tensor(
         [n * part["bpd_elbo"], n * part.get("bpd_iwae", 0.0), n], dtype=torch.float64, device=device)).tolist()
     result = {"bpd_elbo": sums[0] / sums[2]} | ({"bpd_iwae": sums[1] / sums[2]} if num_importance > 0 else {})
-    return result | {"iw_samples": num_importance, "num_images": len(x_int), "dequantization_seed": "0..ranks-1"}
+    return result | {"iw_samples": num_importance, "num_images": len(x_int), "dequantization_seed": 0,
+                     "ranks": ctx.world}  # rank r scores its share with seed r
 
 
 def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progress: bool = True) -> nn.Module:
@@ -205,8 +208,11 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    with _deterministic(cfg.train.deterministic):
-        return _train(cfg, run_dir, data, progress)
+    try:
+        with _deterministic(cfg.train.deterministic):
+            return _train(cfg, run_dir, data, progress)
+    finally:
+        distributed.finish()
 
 
 @contextlib.contextmanager
@@ -228,7 +234,13 @@ def _deterministic(enabled: bool):
 def _train(cfg: Config, run_dir: Path, data: ImageData | None, progress: bool) -> nn.Module:
     ctx, device = distributed.init_from_env(cfg.train.device, cfg.train.batch_size)
     data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size)
+    if ctx.distributed and min(cfg.train.batch_size, len(data.x_train)) % ctx.world:
+        raise ConfigError(f"a batch of {min(cfg.train.batch_size, len(data.x_train))} images does not divide over "
+                          f"{ctx.world} processes; set train.batch_size to a multiple of {ctx.world}")
     run = build_run(cfg, data, run_dir, device)
+    if not distributed.same_on_all_ranks(run.step, run.device):
+        raise TrainingError(f"rank {ctx.rank} resumed at step {run.step}, not at the step of every other rank: the "
+                            "run directory must be one folder that every machine sees (shared storage)")
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     periodic = Periodic(run, data, run_dir, progress)
