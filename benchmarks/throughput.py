@@ -193,7 +193,7 @@ def main() -> None:
     print(f"\nInception pool3 features: {_fmt(features, '.1f')} img/s"
           + ("" if features else " (no weights: --inception-weights or CQF_INCEPTION_WEIGHTS)"))
     cqf_row = next((r for r in rows if r["variant"] == "cq-f"), None)
-    if cqf_row is not None:
+    if cqf_row is not None and precision == "fp32":  # the targets are stated for float32
         if device.type == "cuda":
             target, value = 3 * GPU_BEFORE, cqf_row["train_img_s"]
             print(f"target: CQ-F >= {target:.0f} img/s (3x {GPU_BEFORE:.0f}): {value:.0f} "

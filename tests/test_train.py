@@ -179,7 +179,7 @@ def test_resume_with_an_incompatible_config_is_refused(tmp_path, digits):
     cfg = tiny_config(steps=4)
     bigger = cfg.__class__(cfg.data, cfg.model.__class__(latent_dim=6, channels=8, flow_couplings=1, flow_hidden=8),
                            cfg.train)
-    with pytest.raises(TrainingError, match="does not fit this config"):
+    with pytest.raises(TrainingError, match=r"does not fit this config \(.*model.latent_dim: 4 -> 6.*\); use a new"):
         train(bigger, tmp_path, data=digits, progress=False)
 
 
@@ -258,9 +258,8 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path, digits, m
     original = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
-        if str(f).endswith("ckpt-0000004.pt.tmp"):
-            with open(f, "wb") as out:
-                out.write(b"partial")
+        if str(getattr(f, "name", f)).endswith("ckpt-0000004.pt.tmp"):
+            f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(obj, f, *args, **kwargs)
 
@@ -272,6 +271,21 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path, digits, m
     monkeypatch.setattr(torch, "save", original)
     train(tiny_config(steps=4, eval_every=0, sample_every=0), tmp_path, data=digits, progress=False)
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_a_read_only_run_directory_names_the_permission_and_its_fix(tmp_path, digits, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def refuse(file, mode="r", *args, **kwargs):
+        if str(file).endswith("ckpt-0000004.pt.tmp") and "w" in mode:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    with pytest.raises(CheckpointError, match=r"Permission denied.*ckpt-0000002.pt is intact: make the run directory"):
+        train(tiny_config(steps=4, eval_every=0, sample_every=0), tmp_path, data=digits, progress=False)
 
 
 def test_best_checkpoint_follows_validation_bits_per_dim_and_is_never_pruned(tmp_path, digits, monkeypatch):

@@ -39,8 +39,12 @@ def save(path: Path, **state) -> None:
     path = Path(path)
     payload = {key: _state_of(value) for key, value in state.items()}
     payload |= {"format": FORMAT, "version": __version__}
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # opened here, so that a refused or failed write is an OSError with its errno
+            torch.save(payload, f)
+
     try:
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, write)
     except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         previous = latest(path.parent)
         kept = f"the last good checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"

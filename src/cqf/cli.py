@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except OSError as err:  # a file the command had to read or write: full disk, permissions, a missing folder
         where = f" ({err.filename})" if err.filename else ""
-        print(f"cqf: error: {err.strerror or err}{where}; checkpoints already in the run directory are intact",
-              file=sys.stderr)
+        print(f"cqf: error: {err.strerror or err}{where}; nothing already written was removed: fix this and rerun "
+              "the same command", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("cqf: interrupted; the last checkpoint in the run directory is intact", file=sys.stderr)

@@ -201,9 +201,9 @@ def _resume(run: Run, path: Path) -> None:
         try:
             target.load_state_dict(payload[key])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise TrainingError(
-                f"{path} does not fit this config ({type(err).__name__}); use a new --out directory"
-            ) from None
+            model_keys = [c for c in config_changes(payload.get("config", {}), run.cfg) if c.startswith("model.")]
+            differs = ", ".join(model_keys) if model_keys else type(err).__name__
+            raise TrainingError(f"{path} does not fit this config ({differs}); use a new --out directory") from None
     for optimizer in (run.opt_g, run.opt_d):  # Adam's moments in the parameters' layout (channels_last may change)
         for p, state in (optimizer.state.items() if optimizer is not None else []):
             for key, value in state.items():
