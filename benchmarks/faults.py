@@ -30,8 +30,14 @@ TINY = ["train.steps=40", "train.ckpt_every=10", "train.eval_every=0", "train.sa
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 
+def _command(args) -> list[str]:
+    """The installed `cqf` with `args` (or `python -m cqf` where the script is not on PATH)."""
+    installed = shutil.which("cqf")
+    return [installed, *args] if installed else [sys.executable, "-m", "cqf", *args]
+
+
 def cqf(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    command = [shutil.which("cqf") or sys.executable, *([] if shutil.which("cqf") else ["-m", "cqf"]), *args]
+    command = _command(args)
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout, check=False)
 
 
@@ -167,7 +173,7 @@ def _final(run: Path, step: int) -> dict:
 
 def _kill_when(run: Path, args: list[str], ready, sig=signal.SIGKILL) -> tuple[int, str]:
     """Start `cqf ARGS`, send `sig` once `ready()` holds; (exit status, stderr)."""
-    command = [shutil.which("cqf") or sys.executable, *([] if shutil.which("cqf") else ["-m", "cqf"]), *args]
+    command = _command(args)
     log = run.parent / f"{run.name}-{sig.name}.log"  # stderr to a file: a pipe nobody reads could fill up
     with open(log, "w") as stderr:
         proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
