@@ -62,7 +62,7 @@ def test_quality_loss_reaches_decoder_and_flow_but_not_encoder_or_disc():
     _, model, disc = build("CQ-F")
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     only_quality = TrainConfig(coverage_weight=0.0, quality_weight=1.0, grad_clip=0.0)
-    generator_step(model, disc, opt, torch.rand(6, *SHAPE) * 2 - 1, only_quality, quality_weight=1.0, step=0)
+    generator_step(model, disc, opt, torch.rand(6, *SHAPE) * 2 - 1, only_quality, quality_weight=1.0)
     assert all(g == 0.0 for g in _grad_norms(model.encoder).values())
     assert all(g > 0 for g in _grad_norms(model.decoder).values())
     flow_grads = _grad_norms(model.flow)
@@ -74,7 +74,7 @@ def test_quality_loss_reaches_decoder_and_flow_but_not_encoder_or_disc():
 def _gradients(model, disc, tc, quality_weight, x, measure=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     torch.manual_seed(3)
-    stats = generator_step(model, disc, opt, x, tc, quality_weight=quality_weight, step=0, measure=measure)
+    stats = generator_step(model, disc, opt, x, tc, quality_weight=quality_weight, measure=measure)
     return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
 
 
@@ -168,7 +168,7 @@ def test_one_step_updates_exactly_the_right_parameters(name):
         assert disc_changed
         before_d = {k: v.clone() for k, v in disc.state_dict().items()}
     tc = cfg.train
-    stats = generator_step(model, disc, opt_g, x, tc, tc.quality_weight, step=0)
+    stats = generator_step(model, disc, opt_g, x, tc, tc.quality_weight)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before_g[k])}
     assert any(k.startswith("decoder.") for k in changed)
     if tc.coverage_weight > 0:
@@ -298,20 +298,24 @@ def test_step_measure_path_gives_the_gradient_of_the_single_backward():
         torch.testing.assert_close(apart[name], grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
-def test_the_training_step_shares_its_samples_between_the_d_and_g_steps(tmp_path, digits):
+@pytest.mark.parametrize("quality_batch_size", [0, 4])
+def test_the_training_step_shares_its_samples_between_the_d_and_g_steps(tmp_path, digits, quality_batch_size):
     """The first D step sees the generator step's samples (detached), and the G step re-scores the same images
-    with the updated D: L_Q = -mean D_{t+1}(x_gen)."""
+    with the updated D: L_Q = -mean D_{t+1}(x_gen). With train.quality_batch_size the D step and L_Q use that
+    many real and generated images, while the ELBO keeps the whole batch."""
     from cqf.run import build_run
     from cqf.step import training_step
 
-    cfg = tiny_config(steps=2, warmup_steps=0, quality_weight=1.0, d_steps=1)
+    cfg = tiny_config(steps=2, warmup_steps=0, quality_weight=1.0, d_steps=1, quality_batch_size=quality_batch_size)
     run = build_run(cfg, digits, tmp_path)
-    seen = []
+    seen, encoded = [], []
     run.disc.register_forward_hook(lambda module, args, out: seen.append((args[0].detach().clone(), out.detach())))
+    run.model.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
     stats = training_step(run, digits)
     (d_input, _), (g_input, g_logits) = seen
-    batch = cfg.train.batch_size
+    batch = quality_batch_size or cfg.train.batch_size
     assert d_input.shape[0] == 2 * batch  # real and generated in one call
+    assert encoded == [cfg.train.batch_size]  # L_C: the whole batch
     torch.testing.assert_close(g_input, d_input[batch:], rtol=0, atol=0)
     with torch.no_grad():  # eval: the spectral norm of the G step's forward, without another power iteration
         torch.testing.assert_close(run.disc.eval()(g_input), g_logits)  # scored by D after its step

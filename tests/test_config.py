@@ -14,6 +14,7 @@ from .conftest import tiny_config
 @pytest.mark.parametrize("override,key", [
     ("train.log_every=0", "train.log_every"),
     ("train.d_steps=0", "train.d_steps"),
+    ("train.quality_batch_size=-1", "train.quality_batch_size"),
     ("train.ema_halflife_kimg=-1", "train.ema_halflife_kimg"),
     ("train.eval_every=-5", "train.eval_every"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),

@@ -15,6 +15,7 @@ from cqf.files import read_safetensors
 OVERRIDES = ["train.steps=6", "train.batch_size=32", "train.warmup_steps=2", "train.quality_ramp_steps=2",
              "train.log_every=2", "train.eval_every=3", "train.ckpt_every=3", "train.sample_every=0",
              "train.eval_iw_samples=2", "train.num_threads=1", "train.augment=color,translation,cutout",
+             "train.quality_batch_size=16",
              "train.device=cpu"]
 
 
@@ -55,10 +56,12 @@ def test_two_processes_train_the_single_process_run(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").glob("ckpt-*.pt")) == ["ckpt-0000003.pt", "ckpt-0000006.pt"]
 
 
-def test_the_global_batch_must_divide_over_the_processes(monkeypatch):
+def test_the_global_batches_must_divide_over_the_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match="batch_size=32 is the global batch.*multiple of 3"):
-        distributed.init_from_env("cpu", 32)
+    with pytest.raises(ConfigError, match=r"train\.batch_size=32 is a global batch.*multiple of 3"):
+        distributed.init_from_env("cpu", batch_size=32, quality_batch_size=9)
+    with pytest.raises(ConfigError, match=r"train\.quality_batch_size=16 is a global batch.*multiple of 3"):
+        distributed.init_from_env("cpu", batch_size=33, quality_batch_size=16)
 
 
 def test_sharded_draws_are_the_rows_of_the_single_process_draw(monkeypatch):

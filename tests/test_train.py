@@ -81,6 +81,9 @@ def test_ema_tracks_the_model_and_is_what_samples_and_evaluation_use(tmp_path, d
     assert moved  # the EMA differs from the raw weights...
     loaded = cqf.load(tmp_path / "model.safetensors")  # ...and it is what the exported model holds
     assert all(torch.equal(v, after["ema"][k]) for k, v in loaded.state_dict().items())
+    assert checkpoint.load(tmp_path / "model.safetensors").weights == "ema"  # and it says so
+    with pytest.raises(CheckpointError, match="holds no 'model' weights"):
+        checkpoint.load(tmp_path / "model.safetensors", weights="model")
     assert all(torch.equal(v, after["ema"][k]) for k, v in returned.state_dict().items())
 
 
@@ -172,6 +175,27 @@ def test_corrupt_and_foreign_checkpoints_are_named(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError):
         checkpoint.load(tmp_path / "bad.safetensors")
+
+
+def test_exported_files_get_the_permissions_of_a_plain_file(tmp_path, digits):
+    train(tiny_config(steps=2, eval_every=0, sample_every=0), tmp_path, data=digits, progress=False)
+    (tmp_path / "plain").write_text("")
+    plain = (tmp_path / "plain").stat().st_mode & 0o777
+    for name in ("model.safetensors", "ckpt-0000002.pt", "results.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain, name
+
+
+def test_a_damaged_newest_checkpoint_names_the_move_and_the_earlier_one(tmp_path, digits):
+    settings = dict(eval_every=0, sample_every=0, ckpt_every=2, keep_checkpoints=5)
+    train(tiny_config(steps=4, **settings), tmp_path, data=digits, progress=False)
+    newest = tmp_path / "ckpt-0000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # damaged outside cqf
+    with pytest.raises(TrainingError, match=r"cannot resume: checkpoint .*ckpt-0000004.pt is corrupt.*; move it aside "
+                                            r"\(mv .*ckpt-0000004.pt .*\.bad\) .*resumes from ckpt-0000002.pt$"):
+        train(tiny_config(steps=6, **settings), tmp_path, data=digits, progress=False)
+    newest.rename(newest.with_name(newest.name + ".bad"))  # the advice works
+    train(tiny_config(steps=6, **settings), tmp_path, data=digits, progress=False)
+    assert torch.load(tmp_path / "ckpt-0000006.pt", weights_only=True)["step"] == 6
 
 
 def test_resume_with_an_incompatible_config_is_refused(tmp_path, digits):

@@ -80,7 +80,7 @@ def load_payload(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} not found; pass a ckpt-*.pt or model.safetensors from a run")
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path, FORMAT, "a cqf model file", CheckpointError)
-        return metadata | {"model": tensors}
+        return metadata | {metadata.get("weights", "model"): tensors}  # "ema" when the run kept an EMA
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, pickle, EOF and weights_only errors all mean: not readable as ours
@@ -119,9 +119,10 @@ def prune(run_dir: Path, keep: int) -> None:
         old.unlink()
 
 
-def save_safetensors(path: Path, model: nn.Module, config: Config, **meta) -> None:
-    """Model weights as safetensors, config and shapes in the metadata; atomic."""
-    metadata = {"format": FORMAT, "version": __version__, "config": to_dict(config)} | meta
+def save_safetensors(path: Path, model: nn.Module, config: Config, weights: str = "model", **meta) -> None:
+    """Model weights as safetensors, config, shapes and which weights they are ("ema" or "model") in the
+    metadata; atomic."""
+    metadata = {"format": FORMAT, "version": __version__, "config": to_dict(config), "weights": weights} | meta
     write_safetensors(path, model.state_dict(), metadata)
 
 

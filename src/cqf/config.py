@@ -104,6 +104,7 @@ class TrainConfig:
     lr_d: float = 2e-4
     betas_d: tuple[float, float] = (0.0, 0.9)
     d_steps: int = 1  # discriminator steps per generator step (when there is a discriminator)
+    quality_batch_size: int = 0  # samples per step for L_Q, and real and generated images per D step; 0 = batch_size
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
@@ -146,6 +147,8 @@ class TrainConfig:
             (self.d_steps >= 1 or self.quality_weight == 0,
              f"train.d_steps must be >= 1 discriminator step per generator step, got {self.d_steps}; "
              "for no discriminator set train.quality_weight=0"),
+            (self.quality_batch_size >= 0,
+             f"train.quality_batch_size must be >= 0 (0 = train.batch_size), got {self.quality_batch_size}"),
             (self.ema_rampup >= 0, f"train.ema_rampup must be >= 0 (0 = off), got {self.ema_rampup}"),
             (self.ema_halflife_kimg >= 0,
              f"train.ema_halflife_kimg must be >= 0 (0 = no EMA), got {self.ema_halflife_kimg}"),
@@ -160,6 +163,11 @@ class TrainConfig:
             (self.precision in PRECISIONS,
              f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ])
+
+    @property
+    def quality_batch(self) -> int:
+        """Samples per step for L_Q, and real and generated images per D step (global, over all ranks)."""
+        return self.quality_batch_size or self.batch_size
 
     @property
     def augment_policy(self) -> tuple[str, ...]:

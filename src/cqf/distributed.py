@@ -66,16 +66,18 @@ def context() -> Context:
     return _CONTEXT
 
 
-def init_from_env(device: str, batch_size: int) -> tuple[Context, str]:
+def init_from_env(device: str, **batches: int) -> tuple[Context, str]:
     """Join the process group torchrun describes (WORLD_SIZE > 1), once; returns the context and the device
-    this rank trains on (`cuda:LOCAL_RANK` under NCCL)."""
+    this rank trains on (`cuda:LOCAL_RANK` under NCCL). `batches` are global batch sizes by their `train.` key,
+    each of which must divide over the processes."""
     global _CONTEXT
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _CONTEXT, device
-    if batch_size % world:
-        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must divide evenly over the "
-                          f"{world} processes; set it to a multiple of {world}")
+    for key, size in batches.items():
+        if size % world:
+            raise ConfigError(f"train.{key}={size} is a global batch and must divide evenly over the {world} "
+                              f"processes; set it to a multiple of {world}")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -104,6 +106,11 @@ def shard_rows(x: Tensor) -> Tensor:
         return x
     rows = len(x) // _CONTEXT.world
     return x[_CONTEXT.rank * rows : (_CONTEXT.rank + 1) * rows]
+
+
+def local_rows(rows: int) -> int:
+    """How many of a global batch's `rows` are this rank's (all of them with one process)."""
+    return rows // _CONTEXT.world if _CONTEXT.distributed else rows
 
 
 def _rows(draw, rows: int, *args, **kwargs) -> Tensor:

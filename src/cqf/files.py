@@ -29,7 +29,8 @@ def sha256_file(path: str | Path) -> str:
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temporary name beside `path`, then rename: a crash never leaves a truncated file.
 
-    The previous file at `path`, if any, survives any failure of `write` (the temporary file is removed).
+    The previous file at `path`, if any, survives any failure of `write` (the temporary file is removed). The
+    file gets the permissions of a plain `open(path, "w")` (writers such as safetensors' create it 0600).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -37,9 +38,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:  # on disk before the rename: a power cut cannot leave an empty file
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, object]) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import checkpoint, distributed, flows, nets
 from .config import Config, from_dict, to_dict
 from .data import ImageData, batch_indices, dequantize
-from .errors import ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .models import DensityModel, build_model
 
 __all__ = ["FiniteGuard", "Run", "apply_hyperparameters", "build_discriminator", "build_run", "compile_networks",
@@ -192,7 +192,14 @@ def compile_networks(model: nn.Module, disc: nn.Module | None) -> None:
 
 
 def _resume(run: Run, path: Path) -> None:
-    payload = checkpoint.load_payload(path)
+    try:
+        payload = checkpoint.load_payload(path)
+    except CheckpointError as err:  # damaged outside cqf (writes are atomic): the run can go on from an earlier one
+        earlier = sorted(path.parent.glob("ckpt-*.pt"))[:-1]
+        then = (f"the run resumes from {earlier[-1].name}" if earlier else "the run starts again from step 0")
+        what = str(err).split("; ")[0]  # without the load's own advice, which is for `cqf eval`
+        raise TrainingError(f"cannot resume: {what}; move it aside (mv {path} {path}.bad) and rerun the same "
+                            f"command: {then}") from None
     for key, target in run.state().items():
         if target is None:
             continue

@@ -166,7 +166,7 @@ def single_backward(tc: TrainConfig, measure: bool) -> bool:
 
 
 def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Optimizer, x: Tensor,
-                   tc: TrainConfig, quality_weight: float, step: int, measure: bool = False,
+                   tc: TrainConfig, quality_weight: float, measure: bool = False,
                    forward: tuple[ElboTerms | None, Tensor | None] | None = None) -> dict:
     """One step on the generator objective of `tc.balance` (DESIGN section 3); returns detached stats.
 
@@ -281,10 +281,12 @@ def training_step(run: Run, data: ImageData) -> dict:
     """Advance `run` by one step; returns the step's detached statistics.
 
     One batch of samples, made with the ELBO's decoder call, serves the first D step (detached) and then the
-    generator step, re-scored by the updated D (as in DCGAN's reference loop). Further D steps
-    (`train.d_steps` > 1) draw their own samples. Non-finite losses are recorded on the device (`run.guard`)
-    and raised at the next log step or checkpoint, so the step has no host sync. Under torchrun each rank
-    runs its rows of the global batch and the gradients are averaged (`cqf.distributed`).
+    generator step, re-scored by the updated D (as in DCGAN's reference loop). It has
+    `train.quality_batch_size` images (default: the batch size), as has each D step's real batch; L_C always
+    uses the whole batch. Further D steps (`train.d_steps` > 1) draw their own samples. Non-finite losses are
+    recorded on the device (`run.guard`) and raised at the next log step or checkpoint, so the step has no host
+    sync. Under torchrun each rank runs its rows of the global batch and the gradients are averaged
+    (`cqf.distributed`).
     """
     cfg, tc, step = run.cfg, run.cfg.train, run.step
     # Reseed from (seed, step): dequantization, z and decoder noise are exact on resume.
@@ -318,20 +320,21 @@ def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
     idx = batch_indices(step, num_train, tc.batch_size, cfg.seed)
     x = _to_device(distributed.shard_rows(dequantize(data.x_train[idx], data.levels)), run.device)
     measure = (step + 1) % tc.log_every == 0 or step + 1 == tc.steps  # the balance is logged at the log interval
+    num_fake = distributed.local_rows(min(tc.quality_batch, num_train))  # as many as the D step's real images
     with autocast(run.device, tc.precision):
-        forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, len(x) if adversarial else 0,
+        forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, num_fake if adversarial else 0,
                                     batched=single_backward(tc, measure))
     if adversarial:
         for i in range(tc.d_steps):
-            idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.batch_size, cfg.seed + 1)
+            idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.quality_batch, cfg.seed + 1)
             x_real = _to_device(distributed.shard_rows(dequantize(data.x_train[idx_d], data.levels)), run.device)
             if i == 0:
                 fake = forward[1].detach()
             else:
                 with torch.no_grad(), autocast(run.device, tc.precision):
-                    fake = run.model.sample(len(x))
+                    fake = run.model.sample(num_fake)
             stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma,
                                         tc.precision)
             run.guard.watch(step, loss_d=stats["loss_d"])  # every D step, not only the last
-    return stats | generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, step, measure,
+    return stats | generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, measure,
                                   forward=forward)

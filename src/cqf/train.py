@@ -168,7 +168,8 @@ def finish(run: Run, data: ImageData, run_dir: Path, periodic: Periodic) -> nn.M
     distributed.check_replicas([run.model, run.disc, run.ema], run.device)
     main = distributed.context().is_main
     if main:
-        checkpoint.save_safetensors(run_dir / "model.safetensors", model, run.cfg, **run.meta)
+        checkpoint.save_safetensors(run_dir / "model.safetensors", model, run.cfg,
+                                    weights="ema" if run.ema is not None else "model", **run.meta)
     if isinstance(model, DensityModel):
         results = sharded_bits_per_dim(model, data.x_test, data.levels, tc.eval_iw_samples, run.device)
         results |= {"split": "test", "step": step, "variant": run.cfg.variant, "data": data.name}
@@ -232,11 +233,13 @@ def _deterministic(enabled: bool):
 
 
 def _train(cfg: Config, run_dir: Path, data: ImageData | None, progress: bool) -> nn.Module:
-    ctx, device = distributed.init_from_env(cfg.train.device, cfg.train.batch_size)
+    ctx, device = distributed.init_from_env(cfg.train.device, batch_size=cfg.train.batch_size,
+                                            quality_batch_size=cfg.train.quality_batch)
     data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size)
-    if ctx.distributed and min(cfg.train.batch_size, len(data.x_train)) % ctx.world:
-        raise ConfigError(f"a batch of {min(cfg.train.batch_size, len(data.x_train))} images does not divide over "
-                          f"{ctx.world} processes; set train.batch_size to a multiple of {ctx.world}")
+    for key, size in [("batch_size", cfg.train.batch_size), ("quality_batch_size", cfg.train.quality_batch)]:
+        if ctx.distributed and min(size, len(data.x_train)) % ctx.world:
+            raise ConfigError(f"a batch of {min(size, len(data.x_train))} images does not divide over {ctx.world} "
+                              f"processes; set train.{key} to a multiple of {ctx.world}")
     run = build_run(cfg, data, run_dir, device)
     if not distributed.same_on_all_ranks(run.step, run.device):
         raise TrainingError(f"rank {ctx.rank} resumed at step {run.step}, not at the step of every other rank: the "
