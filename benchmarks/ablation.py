@@ -76,7 +76,7 @@ def main() -> None:
                     *([f"data.name={args.data}"] if args.data else []), *args.overrides, *overrides]
             commands.append(cqf_cmd + ["train", config, "--out", str(run_dir), "--quiet"]
                             + [a for s in sets for a in ("--set", s)])
-            logs.append(run_dir.with_suffix(".train.log"))
+            logs.append(run_dir.parent / f"{run_dir.name}.train.log")
     run_parallel(commands, logs, args.parallel)
 
     commands, logs = [], []
@@ -84,7 +84,7 @@ def main() -> None:
         if (run_dir / "eval.json").exists():
             continue
         commands.append(eval_command(run_dir, seed, args))
-        logs.append(run_dir.with_suffix(".eval.log"))
+        logs.append(run_dir.parent / f"{run_dir.name}.eval.log")
     run_parallel(commands[:1], logs[:1], 1)  # fills the reference-feature cache
     run_parallel(commands[1:], logs[1:], args.parallel)
 

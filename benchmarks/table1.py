@@ -152,7 +152,7 @@ def main() -> None:
         if (run_dir / "eval.json").exists():
             continue
         commands.append(eval_command(run_dir, seed, args, args.gan_bpd_steps if variant == "gan" else 0))
-        logs.append(run_dir.with_suffix(".eval.log"))
+        logs.append(run_dir.parent / f"{run_dir.name}.eval.log")
     # The first evaluation fills the reference-feature cache; the others then read it.
     run_parallel(commands[:1], logs[:1], 1)
     run_parallel(commands[1:], logs[1:], args.parallel)

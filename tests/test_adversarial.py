@@ -298,23 +298,30 @@ def test_step_measure_path_gives_the_gradient_of_the_single_backward():
         torch.testing.assert_close(apart[name], grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("quality_batch_size", [0, 4])
-def test_the_training_step_shares_its_samples_between_the_d_and_g_steps(tmp_path, digits, quality_batch_size):
+@pytest.mark.parametrize("quality_batch_size,settings", [
+    (0, {}),
+    (4, {}),  # two backward passes (log_every=1: the balance is measured)
+    (4, {"log_every": 100}),  # one backward pass, posterior and prior z in one decoder call
+    (4, {"d_steps": 2}),
+])
+def test_the_training_step_shares_its_samples_between_the_d_and_g_steps(tmp_path, digits, quality_batch_size,
+                                                                         settings):
     """The first D step sees the generator step's samples (detached), and the G step re-scores the same images
-    with the updated D: L_Q = -mean D_{t+1}(x_gen). With train.quality_batch_size the D step and L_Q use that
+    with the updated D: L_Q = -mean D_{t+1}(x_gen). With train.quality_batch_size every D step and L_Q use that
     many real and generated images, while the ELBO keeps the whole batch."""
     from cqf.run import build_run
     from cqf.step import training_step
 
-    cfg = tiny_config(steps=2, warmup_steps=0, quality_weight=1.0, d_steps=1, quality_batch_size=quality_batch_size)
+    cfg = tiny_config(steps=2, warmup_steps=0, quality_weight=1.0, quality_batch_size=quality_batch_size,
+                      **settings)
     run = build_run(cfg, digits, tmp_path)
     seen, encoded = [], []
     run.disc.register_forward_hook(lambda module, args, out: seen.append((args[0].detach().clone(), out.detach())))
     run.model.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
     stats = training_step(run, digits)
-    (d_input, _), (g_input, g_logits) = seen
+    (d_input, _), *more_d, (g_input, g_logits) = seen
     batch = quality_batch_size or cfg.train.batch_size
-    assert d_input.shape[0] == 2 * batch  # real and generated in one call
+    assert [len(d) for d, _ in [(d_input, None), *more_d]] == [2 * batch] * cfg.train.d_steps  # real + generated
     assert encoded == [cfg.train.batch_size]  # L_C: the whole batch
     torch.testing.assert_close(g_input, d_input[batch:], rtol=0, atol=0)
     with torch.no_grad():  # eval: the spectral norm of the G step's forward, without another power iteration

@@ -38,6 +38,12 @@ def test_impossible_values_name_their_key(override, key):
     assert "\n" not in str(err.value)
 
 
+def test_a_gan_has_one_batch():
+    with pytest.raises(ConfigError, match="a GAN's batch is train.batch_size"):
+        load_config("digits-gan", ["train.quality_batch_size=8"])
+    assert load_config("digits-gan", ["train.quality_batch_size=0"]).train.quality_batch == 64
+
+
 def test_d_steps_zero_with_a_quality_weight_says_how_to_train_without_d():
     with pytest.raises(ConfigError, match="train.quality_weight=0"):
         load_config("digits-cq-f", ["train.d_steps=0"])

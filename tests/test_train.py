@@ -13,6 +13,7 @@ import torch
 
 from cqf import checkpoint
 from cqf.errors import CheckpointError, TrainingError
+from cqf.files import read_safetensors, write_safetensors
 from cqf.likelihood import bits_per_dim
 from cqf.models import VAE
 from cqf.train import train
@@ -84,6 +85,10 @@ def test_ema_tracks_the_model_and_is_what_samples_and_evaluation_use(tmp_path, d
     assert checkpoint.load(tmp_path / "model.safetensors").weights == "ema"  # and it says so
     with pytest.raises(CheckpointError, match="holds no 'model' weights"):
         checkpoint.load(tmp_path / "model.safetensors", weights="model")
+    tensors, metadata = read_safetensors(tmp_path / "model.safetensors", checkpoint.FORMAT, "a model")
+    write_safetensors(tmp_path / "odd.safetensors", tensors, metadata | {"weights": "config"})
+    with pytest.raises(CheckpointError, match="holds 'config' weights; a cqf model file holds 'ema' or 'model'"):
+        checkpoint.load(tmp_path / "odd.safetensors")
     assert all(torch.equal(v, after["ema"][k]) for k, v in returned.state_dict().items())
 
 
@@ -177,12 +182,18 @@ def test_corrupt_and_foreign_checkpoints_are_named(tmp_path):
         checkpoint.load(tmp_path / "bad.safetensors")
 
 
-def test_exported_files_get_the_permissions_of_a_plain_file(tmp_path, digits):
-    train(tiny_config(steps=2, eval_every=0, sample_every=0), tmp_path, data=digits, progress=False)
-    (tmp_path / "plain").write_text("")
-    plain = (tmp_path / "plain").stat().st_mode & 0o777
+def test_exported_files_get_the_permissions_of_a_plain_file(tmp_path, digits, monkeypatch):
+    from cqf import files
+
+    previous = os.umask(0o022)  # group and others may read: a file created 0600 would differ
+    monkeypatch.setattr(files, "_UMASK", 0o022)  # as read at import
+    try:
+        train(tiny_config(steps=2, eval_every=0, sample_every=0), tmp_path, data=digits, progress=False)
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(previous)
     for name in ("model.safetensors", "ckpt-0000002.pt", "results.json"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == plain, name
+        assert (tmp_path / name).stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644, name
 
 
 def test_a_damaged_newest_checkpoint_names_the_move_and_the_earlier_one(tmp_path, digits):

@@ -80,7 +80,10 @@ def load_payload(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} not found; pass a ckpt-*.pt or model.safetensors from a run")
     if path.suffix == ".safetensors":
         tensors, metadata = read_safetensors(path, FORMAT, "a cqf model file", CheckpointError)
-        return metadata | {metadata.get("weights", "model"): tensors}  # "ema" when the run kept an EMA
+        weights = metadata.get("weights", "model")  # "ema" when the run kept an EMA (older files: "model")
+        if weights not in ("ema", "model"):
+            raise CheckpointError(f"{path} says it holds {weights!r} weights; a cqf model file holds 'ema' or 'model'")
+        return metadata | {weights: tensors}
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, pickle, EOF and weights_only errors all mean: not readable as ours

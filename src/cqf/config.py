@@ -104,7 +104,8 @@ class TrainConfig:
     lr_d: float = 2e-4
     betas_d: tuple[float, float] = (0.0, 0.9)
     d_steps: int = 1  # discriminator steps per generator step (when there is a discriminator)
-    quality_batch_size: int = 0  # samples per step for L_Q, and real and generated images per D step; 0 = batch_size
+    quality_batch_size: int = 0  # L_Q's samples and D's real/generated images per step; 0 = batch_size (at most
+    # the training set, as the batch); not for a GAN, whose batch is batch_size
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
@@ -185,6 +186,9 @@ class Config:
     def __post_init__(self):
         if self.is_gan and self.model.flow_couplings > 0:
             raise ConfigError("a GAN (train.coverage_weight=0) has no flow: set model.flow_couplings=0")
+        if self.is_gan and self.train.quality_batch != self.train.batch_size:
+            raise ConfigError("a GAN's batch is train.batch_size (it has no L_C batch to keep apart): set "
+                              "train.batch_size instead of train.quality_batch_size")
 
     @property
     def has_discriminator(self) -> bool:

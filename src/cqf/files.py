@@ -17,6 +17,15 @@ __all__ = ["atomic_write", "read_safetensors", "sha256_file", "write_safetensors
 _PLAIN = ("format", "version")  # metadata stored as plain strings; the rest is JSON
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: once, at import, not while files are written
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def sha256_file(path: str | Path) -> str:
     """SHA-256 of a file, read in 1 MiB blocks (checkpoint and weights hashes in results)."""
     digest = hashlib.sha256()
@@ -38,16 +47,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:  # on disk before the rename: a power cut cannot leave an empty file
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        except OSError:  # some network file systems refuse chmod; the file is still whole
+            pass
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, object]) -> None:

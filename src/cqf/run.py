@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,8 +199,9 @@ def _resume(run: Run, path: Path) -> None:
         earlier = sorted(path.parent.glob("ckpt-*.pt"))[:-1]
         then = (f"the run resumes from {earlier[-1].name}" if earlier else "the run starts again from step 0")
         what = str(err).split("; ")[0]  # without the load's own advice, which is for `cqf eval`
-        raise TrainingError(f"cannot resume: {what}; move it aside (mv {path} {path}.bad) and rerun the same "
-                            f"command: {then}") from None
+        moved = shlex.quote(f"{path}.bad")
+        raise TrainingError(f"cannot resume: {what}; move it aside (mv {shlex.quote(str(path))} {moved}) and rerun "
+                            f"the same command: {then}") from None
     for key, target in run.state().items():
         if target is None:
             continue

@@ -176,7 +176,8 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
 
     `quality_weight` is lambda at this step (0 during the warm-up). `forward` is `generator_forward`'s result
     when the step already made it (the training step shares its samples with the D step), with
-    `batched=single_backward(tc, measure)`; else it is made here.
+    `batched=single_backward(tc, measure)`; else it is made here, with as many samples as `x` has rows (the
+    training step passes `train.quality_batch_size` samples in `forward`).
     With `measure`, the norms of the gradients of L_C and of L_Q (both in nats per image, unweighted) on the
     decoder and flow are returned too. `quality_weight_effective` is the weight of L_Q in units of L_C in nats.
 
