@@ -106,7 +106,7 @@ def run(args) -> None:
     npz = unpack(args.data, Path("/tmp/cifar10-subset.npz"))
     jobs = [(v, s, f"{v}-s{s}", []) for s in range(args.seeds) for v in args.variants.split(",")]
     if args.jobs:  # NAME:VARIANT:SEED[:key=value;key=value]
-        jobs = [(j.split(":")[1], int(j.split(":")[2]), j.split(":")[0],
+        jobs = [(j.split(":")[1], int(j.split(":")[2]), f'{j.split(":")[0]}-s{j.split(":")[2]}',
                  j.split(":", 3)[3].split(";") if j.count(":") >= 3 else []) for j in args.jobs]
     parts = Path(tempfile.mkdtemp(prefix="cqf-parts-"))
     summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -132,9 +132,9 @@ def run(args) -> None:
         if (parts / name / "run.json").exists():
             summary["runs"][name] = json.loads((parts / name / "run.json").read_text())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    groups = {}  # one file per variant (keys s0, s1, ...) or, for named jobs, one per job (key s<seed>)
+    groups = {}  # one file per variant or job name (keys s0, s1, ...)
     for v, s, name, _ in jobs:
-        groups.setdefault(name if args.jobs else v, {})[f"s{s}"] = parts / name / "samples.npz"
+        groups.setdefault(name.rsplit("-s", 1)[0] if args.jobs else v, {})[f"s{s}"] = parts / name / "samples.npz"
     for group, files in groups.items():
         arrays = {key: np.load(path)["x"] for key, path in files.items() if path.exists()}
         if arrays:
@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each variant")
     parser.add_argument("--parallel", action="store_true", help="all runs at once, sharing the GPU")
     parser.add_argument("--job", dest="jobs", action="append", default=[],
-                        help="NAME:VARIANT:SEED[:key=value;...] a run with its own overrides (replaces variants/seeds)")
+                        help="NAME:VARIANT:SEED[:key=value;...] a run with its own overrides (replaces variants/seeds); "
+                             "runs of one NAME are the seeds of one table row")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--npz", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")

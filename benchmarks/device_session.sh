@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU lease, one call: throughput before/after with the card to itself, then the CIFAR-10 Table-1 runs
-# (the five variants, two seeds, sharing the card for MINUTES each). Results land in $OUT.
+# (the five variants and CQ-F with a quality batch of 16, two seeds, sharing the card for MINUTES each).
+# Results land in $OUT.
 #
 # Prepare on this machine (both folders are git-ignored: pass them as the device call's carry, 57 MiB in all):
 #   python benchmarks/device_cifar10.py --pack ../shared/data/cifar10.npz --train 24000 --test 2000 --to .devdata/c10.xz
@@ -25,6 +26,11 @@ timeout 120 python $T --device cuda --quick --steps 20 --variants cq-f --set tra
   --set train.channels_last=true --set train.compile=true --json "$OUT/tp-compile.json" > "$OUT/tp-compile.txt" 2>&1
 echo "throughput: $(( $(date +%s) - start )) s" > "$OUT/phases.txt"
 start=$(date +%s)
+JOBS=()  # the five variants at the bundled configs, and CQ-F with a quality batch of 16 (the MNIST default)
+for seed in 0 1; do
+  for v in vae vae-f cq cq-f gan; do JOBS+=(--job "$v:$v:$seed"); done
+  JOBS+=(--job "cq-f-q16:cq-f:$seed:train.quality_batch_size=16")
+done
 python benchmarks/device_cifar10.py --data .devdata/c10.xz --minutes "${MINUTES:-3.5}" --parallel \
-  --set train.num_threads=1 --variants vae,vae-f,cq,cq-f,gan --seeds 2 --out "$OUT/c10" > "$OUT/c10.txt" 2>&1
+  --set train.num_threads=1 "${JOBS[@]}" --out "$OUT/c10" > "$OUT/c10.txt" 2>&1
 echo "cifar-10 runs: $(( $(date +%s) - start )) s" >> "$OUT/phases.txt"
