@@ -157,8 +157,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each variant")
     parser.add_argument("--parallel", action="store_true", help="all runs at once, sharing the GPU")
     parser.add_argument("--job", dest="jobs", action="append", default=[],
-                        help="NAME:VARIANT:SEED[:key=value;...] a run with its own overrides (replaces variants/seeds); "
-                             "runs of one NAME are the seeds of one table row")
+                        help="NAME:VARIANT:SEED[:key=value;...] a run with its own overrides (replaces "
+                             "variants/seeds); runs of one NAME are the seeds of one table row")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--npz", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override")

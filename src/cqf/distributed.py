@@ -3,9 +3,9 @@
 Every rank holds a full replica. `train.batch_size` (and `train.quality_batch_size`) stays the global batch:
 rank r takes rows [r B/N, (r+1) B/N) of the step's batch, and every per-sample random draw of the step
 (dequantization, z, decoder noise, augmentation) is the rank's rows of the draw a single process would make,
-so a run's data and noise do not depend on N. Gradients are averaged with one all-reduce per optimizer step (the adaptive weight
-is computed from the averaged gradients), so the replicas stay identical and the run is, to float rounding,
-the single-process run. NCCL on GPUs, gloo on CPUs; only rank 0 writes files.
+so a run's data and noise do not depend on N. Gradients are averaged with one all-reduce per optimizer step
+(the adaptive weight is computed from the averaged gradients), so the replicas stay identical and the run is,
+to float rounding, the single-process run. NCCL on GPUs, gloo on CPUs; only rank 0 writes files.
 
 With one process (no torchrun) every function here is the plain single-process operation.
 """
