@@ -149,6 +149,16 @@ def test_quality_weight_schedule_warmup_then_ramp():
     assert quality_weight_at(gan, 0) == 2.0
 
 
+def test_quality_every_k_steps_after_the_warm_up():
+    """k = 2: L_Q on the steps with k | step + 1 (the log steps), the ramp keeps counting steps."""
+    from cqf.step import quality_active, quality_weight_at
+
+    cfg = Config(train=TrainConfig(quality_weight=10.0, warmup_steps=3, quality_ramp_steps=4, quality_every=2,
+                                   log_every=2))
+    assert [quality_weight_at(cfg, s) for s in range(10)] == [0, 0, 0, 2.5, 0, 7.5, 0, 10.0, 0, 10.0]
+    assert [quality_active(cfg, s) for s in range(3, 7)] == [True, False, True, False]
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_one_step_updates_exactly_the_right_parameters(name):
     cfg, model, disc = build(name)
@@ -343,3 +353,27 @@ def test_finite_guard_names_the_first_bad_step_and_term_and_save_refuses(tmp_pat
     with pytest.raises(TrainingError, match="at step 1"):
         run.save(tmp_path)
     assert not list(tmp_path.glob("ckpt-*"))
+
+
+def test_between_adversarial_steps_d_rests_and_g_takes_a_plain_elbo_step(tmp_path, digits):
+    """quality_every = 2, no warm-up: steps 0, 2 are ELBO-only (D untouched, no L_Q); steps 1, 3 train D and
+    add L_Q. The ELBO-only step is the VAE-F step: it equals the step of the same run with quality_weight 0."""
+    from cqf.run import build_run
+    from cqf.step import training_step
+
+    cfg = tiny_config(steps=4, warmup_steps=0, quality_weight=1.0, balance="adaptive", quality_every=2, log_every=2)
+    run = build_run(cfg, digits, tmp_path / "k2")
+    plain = build_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, quality_weight=0.0)), digits,
+                      tmp_path / "plain")
+    plain.model.load_state_dict(run.model.state_dict())
+    for step in range(4):
+        disc_before = {k: v.clone() for k, v in run.disc.state_dict().items()}
+        stats = training_step(run, digits)
+        disc_moved = any(not torch.equal(v, disc_before[k]) for k, v in run.disc.state_dict().items())
+        adversarial = step % 2 == 1
+        assert disc_moved == adversarial, step
+        assert ("loss_quality" in stats) == ("loss_d" in stats) == adversarial, step
+        if step == 0:
+            training_step(plain, digits)
+            for (name, p), q in zip(run.model.named_parameters(), plain.model.parameters(), strict=True):
+                torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)

@@ -23,6 +23,8 @@ from .conftest import tiny_config
     ("train.balance=bogus", "train.balance"),
     ("train.augment=rotate", "train.augment"),
     ("train.quality_ramp_steps=-1", "train.quality_ramp_steps"),
+    ("train.quality_every=0", "train.quality_every"),
+    ("train.quality_every=3", "train.quality_every"),  # log_every 50 is no multiple of 3
     ("train.r1_gamma=-1", "train.r1_gamma"),
     ("train.warmup_steps=-1", "train.warmup_steps"),
     ("train.minutes=-2", "train.minutes"),
@@ -36,6 +38,12 @@ def test_impossible_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
         load_config("digits-cq-f", [override])
     assert "\n" not in str(err.value)
+
+
+def test_a_gan_trains_l_q_on_every_step():
+    with pytest.raises(ConfigError, match="train.quality_every=2 needs L_C"):
+        load_config("digits-gan", ["train.quality_every=2"])
+    assert load_config("digits-cq-f", ["train.quality_every=2"]).train.quality_every == 2
 
 
 def test_a_gan_has_one_batch():

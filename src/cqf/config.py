@@ -101,6 +101,7 @@ class TrainConfig:
     quality_weight_max: float = 1e4  # clamp of the adaptive weight
     warmup_steps: int = 0  # likelihood-only steps before L_Q switches on (hybrid runs; ignored by a GAN)
     quality_ramp_steps: int = 0  # after the warm-up, lambda rises linearly from 0 over this many steps
+    quality_every: int = 1  # hybrids: L_Q and the D step(s) on every k-th step only, plain ELBO steps between
     lr_d: float = 2e-4
     betas_d: tuple[float, float] = (0.0, 0.9)
     d_steps: int = 1  # discriminator steps per generator step (when there is a discriminator)
@@ -139,6 +140,13 @@ class TrainConfig:
              "train.coverage_weight and train.quality_weight are both 0: nothing to train"),
             (self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.quality_ramp_steps >= 0, f"train.quality_ramp_steps must be >= 0, got {self.quality_ramp_steps}"),
+            (self.quality_every >= 1, f"train.quality_every must be >= 1 step, got {self.quality_every}"),
+            (self.quality_every < 1 or self.log_every % self.quality_every == 0,
+             f"train.log_every ({self.log_every}) must be a multiple of train.quality_every ({self.quality_every}), "
+             "so that the logged balance is measured on an adversarial step"),
+            (self.quality_every == 1 or self.coverage_weight > 0,
+             f"train.quality_every={self.quality_every} needs L_C (a GAN step without L_Q trains nothing); "
+             "set train.quality_every=1"),
             (self.balance in BALANCES, f"train.balance must be one of {', '.join(BALANCES)}, got {self.balance!r}"),
             (self.quality_weight_max > 0, f"train.quality_weight_max must be > 0, got {self.quality_weight_max}"),
             (set(self.augment_policy) <= set(AUGMENTATIONS),

@@ -262,11 +262,14 @@ def _index(params: list[nn.Parameter], target: nn.Parameter) -> int:
 
 def quality_weight_at(cfg: Config, step: int) -> float:
     """lambda at `step`: 0 during a hybrid's warm-up, then rising linearly over `quality_ramp_steps`, then
-    `quality_weight`. A GAN has no warm-up: lambda from its first step."""
+    `quality_weight`; after the warm-up, 0 too on the steps between adversarial ones (`quality_every` k: L_Q
+    and D train when k divides step + 1, so that the log steps, multiples of k, are adversarial). lambda is
+    not rescaled by k: it weighs L_Q on the steps that have it. A GAN has no warm-up: lambda from its first
+    step."""
     tc = cfg.train
     if cfg.is_gan or tc.quality_weight == 0:
         return tc.quality_weight
-    if step < tc.warmup_steps:
+    if step < tc.warmup_steps or (step + 1) % tc.quality_every:
         return 0.0
     if tc.quality_ramp_steps > 0:
         return tc.quality_weight * min(1.0, (step - tc.warmup_steps + 1) / tc.quality_ramp_steps)
@@ -274,7 +277,8 @@ def quality_weight_at(cfg: Config, step: int) -> float:
 
 
 def quality_active(cfg: Config, step: int) -> bool:
-    """Whether L_Q (and D) train at `step`: after the warm-up in hybrid runs, from the first step in a GAN."""
+    """Whether L_Q (and D) train at `step`: after the warm-up on every `quality_every`-th step in hybrid runs,
+    from the first step in a GAN."""
     return quality_weight_at(cfg, step) > 0
 
 
