@@ -157,6 +157,9 @@ def test_quality_every_k_steps_after_the_warm_up():
                                    log_every=2))
     assert [quality_weight_at(cfg, s) for s in range(10)] == [0, 0, 0, 2.5, 0, 7.5, 0, 10.0, 0, 10.0]
     assert [quality_active(cfg, s) for s in range(3, 7)] == [True, False, True, False]
+    from cqf.step import quality_started
+
+    assert [quality_started(cfg, s) for s in range(2, 7)] == [False, True, True, True, True]  # the warm-up only
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

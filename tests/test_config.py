@@ -44,6 +44,7 @@ def test_a_gan_trains_l_q_on_every_step():
     with pytest.raises(ConfigError, match="train.quality_every=2 needs L_C"):
         load_config("digits-gan", ["train.quality_every=2"])
     assert load_config("digits-cq-f", ["train.quality_every=2"]).train.quality_every == 2
+    assert load_config("digits-vae-f", ["train.quality_every=3"]).train.quality_every == 3  # no L_Q: no effect
 
 
 def test_a_gan_has_one_batch():

@@ -141,12 +141,13 @@ class TrainConfig:
             (self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.quality_ramp_steps >= 0, f"train.quality_ramp_steps must be >= 0, got {self.quality_ramp_steps}"),
             (self.quality_every >= 1, f"train.quality_every must be >= 1 step, got {self.quality_every}"),
-            (self.quality_every < 1 or self.log_every % self.quality_every == 0,
-             f"train.log_every ({self.log_every}) must be a multiple of train.quality_every ({self.quality_every}), "
-             "so that the logged balance is measured on an adversarial step"),
-            (self.quality_every == 1 or self.coverage_weight > 0,
+            (self.quality_every <= 1 or self.coverage_weight > 0,
              f"train.quality_every={self.quality_every} needs L_C (a GAN step without L_Q trains nothing); "
              "set train.quality_every=1"),
+            (self.quality_every <= 1 or self.log_every < 1 or self.quality_weight == 0 or self.coverage_weight == 0
+             or self.log_every % self.quality_every == 0,
+             f"train.log_every ({self.log_every}) must be a multiple of train.quality_every ({self.quality_every}), "
+             "so that the logged balance is measured on an adversarial step; change one of them"),
             (self.balance in BALANCES, f"train.balance must be one of {', '.join(BALANCES)}, got {self.balance!r}"),
             (self.quality_weight_max > 0, f"train.quality_weight_max must be > 0, got {self.quality_weight_max}"),
             (set(self.augment_policy) <= set(AUGMENTATIONS),

@@ -35,6 +35,7 @@ __all__ = [
     "generator_step",
     "grad_norm",
     "quality_active",
+    "quality_started",
     "quality_weight_at",
     "single_backward",
     "training_step",
@@ -280,6 +281,12 @@ def quality_active(cfg: Config, step: int) -> bool:
     """Whether L_Q (and D) train at `step`: after the warm-up on every `quality_every`-th step in hybrid runs,
     from the first step in a GAN."""
     return quality_weight_at(cfg, step) > 0
+
+
+def quality_started(cfg: Config, step: int) -> bool:
+    """Whether the warm-up is over at `step` (a GAN has none): from here L_Q trains, on every
+    `quality_every`-th step."""
+    return cfg.has_discriminator and (cfg.is_gan or step >= cfg.train.warmup_steps)
 
 
 def training_step(run: Run, data: ImageData) -> dict:

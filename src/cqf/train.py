@@ -31,7 +31,7 @@ from .likelihood import bits_per_dim
 from .models import DensityModel
 from .report import write_json
 from .run import Run, build_run
-from .step import quality_active, training_step
+from .step import quality_started, training_step
 
 __all__ = ["Periodic", "finish", "train"]
 
@@ -85,7 +85,7 @@ class Periodic:
         self.last_ckpt: Path | None = None
         self.best_bpd = checkpoint.best_bpd(run_dir)  # of best.pt, kept beside the last checkpoints
         self.stats: dict = {}
-        self.quality_on = quality_active(run.cfg, run.step)
+        self.quality_on = quality_started(run.cfg, run.step)
         self.bar = tqdm(total=tc.steps, initial=run.step, disable=not (progress and distributed.context().is_main),
                         desc="train", unit="step", dynamic_ncols=True)
         if run.changed:
@@ -115,7 +115,7 @@ class Periodic:
         run, tc, step = self.run, self.run.cfg.train, self.run.step
         self.stats = stats
         self.bar.update(1)
-        if not self.quality_on and quality_active(run.cfg, step):
+        if not self.quality_on and quality_started(run.cfg, step):
             log.info("step %d: warm-up over, L_Q switched on", step)
             self.quality_on = True
         if step % tc.log_every == 0 or step == tc.steps:
