@@ -151,14 +151,12 @@ def test_quality_weight_schedule_warmup_then_ramp():
 
 def test_quality_every_k_steps_after_the_warm_up():
     """k = 2: L_Q on the steps with k | step + 1 (the log steps), the ramp keeps counting steps."""
-    from cqf.step import quality_active, quality_weight_at
+    from cqf.step import quality_active, quality_started, quality_weight_at
 
     cfg = Config(train=TrainConfig(quality_weight=10.0, warmup_steps=3, quality_ramp_steps=4, quality_every=2,
                                    log_every=2))
     assert [quality_weight_at(cfg, s) for s in range(10)] == [0, 0, 0, 2.5, 0, 7.5, 0, 10.0, 0, 10.0]
     assert [quality_active(cfg, s) for s in range(3, 7)] == [True, False, True, False]
-    from cqf.step import quality_started
-
     assert [quality_started(cfg, s) for s in range(2, 7)] == [False, True, True, True, True]  # the warm-up only
 
 
