@@ -210,9 +210,13 @@ def main_decides(flag: bool, device: torch.device | str = "cpu") -> bool:
     return any_rank(flag and _CONTEXT.is_main, device)
 
 
-def finish() -> None:
-    """Leave the process group this module joined (none with one process)."""
+def finish(synchronize: bool = False) -> None:
+    """Leave the process group this module joined (none with one process). With `synchronize` (a run that
+    ended normally) the ranks first meet at a barrier, so that no rank tears its group down while another
+    still has work in flight (gloo can abort the process at exit then); a failed run leaves at once."""
     global _CONTEXT
     if _CONTEXT.distributed and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
     _CONTEXT = Context()

@@ -211,7 +211,9 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
         torch.set_num_threads(cfg.train.num_threads)
     try:
         with _deterministic(cfg.train.deterministic):
-            return _train(cfg, run_dir, data, progress)
+            model = _train(cfg, run_dir, data, progress)
+        distributed.finish(synchronize=True)
+        return model
     finally:
         distributed.finish()
 
