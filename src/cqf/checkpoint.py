@@ -8,6 +8,7 @@ metadata; `load` reads either and returns a `LoadedModel`.
 from __future__ import annotations
 
 import errno
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from .config import Config, from_dict, to_dict
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, read_safetensors, write_safetensors
 
-__all__ = ["BEST", "FORMAT", "LoadedModel", "best_bpd", "latest", "load", "load_payload", "prune", "save",
+__all__ = ["BEST", "FORMAT", "LoadedModel", "best_bpd", "checkpoints", "latest", "load", "load_payload", "prune", "save",
            "save_safetensors"]
 
 FORMAT = "cqf-checkpoint-v1"
@@ -96,9 +97,19 @@ def load_payload(path: Path) -> dict:
     return payload
 
 
+_STEP_NAME = re.compile(r"ckpt-(\d+)\.pt")
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The training checkpoints `ckpt-{step}.pt` in run_dir, oldest first, ordered by their step number (the
+    names are zero-padded to 7 digits only: past step 9,999,999 they no longer sort by name)."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("ckpt-*.pt") if (m := _STEP_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def latest(run_dir: Path) -> Path | None:
-    """The newest training checkpoint in run_dir (zero-padded names sort by step), or None."""
-    found = sorted(Path(run_dir).glob("ckpt-*.pt"))
+    """The newest training checkpoint in run_dir (the highest step), or None."""
+    found = checkpoints(run_dir)
     return found[-1] if found else None
 
 
@@ -118,7 +129,7 @@ def best_bpd(run_dir: Path) -> float:
 
 def prune(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` training checkpoints."""
-    for old in sorted(Path(run_dir).glob("ckpt-*.pt"))[:-keep] if keep > 0 else []:
+    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink()
 
 

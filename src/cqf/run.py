@@ -196,7 +196,7 @@ def _resume(run: Run, path: Path) -> None:
     try:
         payload = checkpoint.load_payload(path)
     except CheckpointError as err:  # damaged outside cqf (writes are atomic): the run can go on from an earlier one
-        earlier = sorted(path.parent.glob("ckpt-*.pt"))[:-1]
+        earlier = checkpoint.checkpoints(path.parent)[:-1]
         then = (f"the run resumes from {earlier[-1].name}" if earlier else "the run starts again from step 0")
         what = str(err).split("; ")[0]  # without the load's own advice, which is for `cqf eval`
         moved = shlex.quote(f"{path}.bad")
