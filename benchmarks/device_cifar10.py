@@ -82,7 +82,7 @@ def train_one(variant: str, seed: int, npz: Path, args, out: Path, extra: list[s
     else:
         bpd = bits_per_dim(model, data.x_test, data.levels, args.iw_samples, device=device)
     bpd_seconds = time.time() - t
-    samples = sample_images(model, args.num_samples, seed=0, device=device)
+    samples = sample_images(model, args.num_samples, seed=0)
     np.savez(out / "samples.npz", x=samples.permute(0, 2, 3, 1).numpy())
     result = {"variant": cfg.variant, "seed": seed, "steps": steps, "train_seconds": round(seconds, 1),
               "images_per_s": round(rate, 1), "bpd": bpd, "bpd_seconds": round(bpd_seconds, 1),

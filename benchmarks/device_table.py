@@ -26,7 +26,6 @@ from cqf.report import bpd_fid_plot
 sys.path.insert(0, str(Path(__file__).parent))
 from table1 import COLUMNS, fmt, image_panel
 
-
 DIGITS = {"fid": 1, "kid": 4, "recall": 4, "coverage": 4}  # decimals shown per column (default 3)
 
 

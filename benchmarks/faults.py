@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cqf import checkpoint
+
 TINY = ["train.steps=40", "train.ckpt_every=10", "train.eval_every=0", "train.sample_every=0",
         "train.eval_iw_samples=0", "train.num_threads=1", "train.device=cpu", "train.log_every=10"]
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -55,8 +57,6 @@ def one_line_error(result: subprocess.CompletedProcess, pattern: str) -> tuple[b
 
 
 def loads(path: Path) -> bool:
-    from cqf import checkpoint
-
     try:
         checkpoint.load(path)
         return True
@@ -151,16 +151,6 @@ def case_pickle_checkpoint(folder: Path):
     return ok and not marker.exists(), seen + ("; payload ran!" if marker.exists() else "; payload not run")
 
 
-def _states_equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return set(a) == set(b) and all(_states_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 KILL = ["train.steps=300", "train.ckpt_every=25", "train.warmup_steps=20", "train.quality_ramp_steps=20",
         "train.augment=color,translation,cutout", "train.r1_gamma=0.1"]
 
@@ -194,7 +184,8 @@ def case_sigkill_resume(folder: Path):
         return False, "the run finished before the kill"
     result = cqf(*train_args(killed, extra=KILL))
     resumed = f"resuming from {killed / at}" in result.stderr
-    same = result.returncode == 0 and resumed and _states_equal(_final(straight, 300), _final(killed, 300))
+    same = (result.returncode == 0 and resumed
+            and checkpoint.first_difference(_final(straight, 300), _final(killed, 300)) is None)
     return same, f"killed at {at}, {'resumed from it' if resumed else 'NOT resumed'}: final state " \
                  f"{'bit-identical' if same else 'DIFFERS'}"
 

@@ -19,6 +19,7 @@ from cqf.config import load_config
 from cqf.data import dequantize, load_dataset
 from cqf.models import build_model
 from cqf.run import build_discriminator
+from cqf.step import generating_parameters, grad_norm
 
 
 def measure(config: str, data_name: str, batch: int, seed: int) -> dict:
@@ -30,16 +31,13 @@ def measure(config: str, data_name: str, batch: int, seed: int) -> dict:
     disc = build_discriminator(cfg, data.image_shape)
     with torch.no_grad():
         model.elbo(x)  # ActNorm's data-dependent init, as in training
-    shared = [p for name, p in model.named_parameters() if not name.startswith("encoder.")]
+    shared = generating_parameters(model)
     terms = model.elbo(x)
     loss_c = -terms.elbo.mean()
     loss_q = losses.quality_loss(disc(model.sample(batch)))
 
-    def norm(loss):
-        grads = torch.autograd.grad(loss, shared, allow_unused=True)
-        return torch.sqrt(sum(g.square().sum() for g in grads if g is not None)).item()
-
-    grad_c, grad_q = norm(loss_c), norm(loss_q)
+    grad_c = grad_norm(torch.autograd.grad(loss_c, shared, allow_unused=True)).item()
+    grad_q = grad_norm(torch.autograd.grad(loss_q, shared, allow_unused=True)).item()
     return {"config": config, "bpd": model.bits_per_dim(terms.elbo).mean().item(), "L_C": loss_c.item(),
             "L_Q": loss_q.item(), "grad_C": grad_c, "grad_Q": grad_q, "ratio": grad_c / grad_q}
 

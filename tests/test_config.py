@@ -33,11 +33,45 @@ from .conftest import tiny_config
     ("model.flow_couplings=-1", "model.flow_couplings"),
     ("model.sigma_floor=0", "model.sigma_floor"),
     ("data.val_size=-1", "data.val_size"),
+    ("train.device=gpu", "train.device"),
+    ("train.device=cuda:x", "train.device"),
+    ("train.lr=inf", "train.lr"),
+    ("train.lr=.nan", "train.lr"),
+    ("train.quality_weight=.inf", "train.quality_weight"),
+    ("train.minutes=.inf", "train.minutes"),
+    ("train.betas_d=[0.5, .nan]", "train.betas_d"),
+    ("model.sigma_floor=.inf", "model.sigma_floor"),
+    ("seed=-1", "seed"),
+    ("seed=4294967296", "seed"),
+    ("data.root=/dev/null", "data.root"),
 ])
 def test_impossible_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
         load_config("digits-cq-f", [override])
     assert "\n" not in str(err.value)
+
+
+def test_a_second_flow_scale_without_a_flow_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="model.flow_scales=2 needs a flow"):
+        load_config("digits-cq", ["model.flow_scales=2"])
+    assert load_config("digits-cq-f", ["model.flow_scales=2"]).model.flow_scales == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("argv", [
+    ["train", "digits-vae", "--set", "train.device=cuda", "--set", "train.steps=1"],
+    ["sample", "missing.safetensors", "--device", "cuda:0"],
+    ["eval", "missing.npz", "--data", "digits", "--device", "cuda"],
+])
+def test_a_gpu_that_is_not_there_is_one_line_not_a_traceback(argv, tmp_path, capsys):
+    from cqf.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("cqf: error:") and "no CUDA device" in err.splitlines()[-1]
 
 
 def test_a_gan_trains_l_q_on_every_step():
@@ -64,6 +98,10 @@ def test_d_steps_zero_with_a_quality_weight_says_how_to_train_without_d():
     ({"bpd_split": "dev"}, "--split"),
     ({"reference": "val"}, "--reference must be train or test"),
     ({"num_samples": 0}, "samples must be >= 1"),
+    ({"device": "gpu"}, "--device must be auto, cpu, cuda or cuda:N"),
+    ({"features": "classifier:"}, "--features must be inception or classifier:PATH"),
+    ({"features": "vgg"}, "--features must be inception or classifier:PATH"),
+    ({"seed": -3}, "--seed"),
 ])
 def test_eval_config_rejects_impossible_values(fields, match):
     with pytest.raises(ConfigError, match=match):

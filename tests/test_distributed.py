@@ -58,10 +58,11 @@ def test_two_processes_train_the_single_process_run(tmp_path):
 
 def test_the_global_batches_must_divide_over_the_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match=r"train\.batch_size=32 is a global batch.*multiple of 3"):
-        distributed.init_from_env("cpu", batch_size=32, quality_batch_size=9)
-    with pytest.raises(ConfigError, match=r"train\.quality_batch_size=16 is a global batch.*multiple of 3"):
-        distributed.init_from_env("cpu", batch_size=33, quality_batch_size=16)
+    with pytest.raises(ConfigError, match=r"train\.batch_size: a global batch of 32 images.*multiple of 3"):
+        distributed.check_global_batches(batch_size=32, quality_batch_size=9)
+    with pytest.raises(ConfigError, match=r"train\.quality_batch_size: a global batch of 16 images.*multiple of 3"):
+        distributed.check_global_batches(batch_size=33, quality_batch_size=16)
+    distributed.check_global_batches(batch_size=33, quality_batch_size=9)
 
 
 def test_sharded_draws_are_the_rows_of_the_single_process_draw(monkeypatch):

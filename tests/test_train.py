@@ -34,20 +34,6 @@ def test_run_directory_has_everything(tmp_path, digits):
     assert {"model", "opt_g", "step", "config", "format", "version", "levels", "image_shape"} <= set(payload)
 
 
-def _states_equal(a, b, where=""):
-    """Recursive torch.equal over nested checkpoint payloads; returns the first differing key or None."""
-    if isinstance(a, torch.Tensor):
-        return None if torch.equal(a, b) else where
-    if isinstance(a, dict):
-        if set(a) != set(b):
-            return f"{where}: keys differ"
-        return next((d for k in a if (d := _states_equal(a[k], b[k], f"{where}/{k}"))), None)
-    if isinstance(a, (list, tuple)):
-        return next((d for i, (x, y) in enumerate(zip(a, b, strict=True))
-                     if (d := _states_equal(x, y, f"{where}[{i}]"))), None)
-    return None if a == b else where
-
-
 def test_resume_is_bitwise_identical_with_discriminator_and_ema(tmp_path, digits):
     """CQ-F with D, both optimizers, EMA and a warm-up that ends after the resume point."""
     settings = dict(quality_weight=1.0, warmup_steps=2, ema_halflife_kimg=0.1, eval_every=0, sample_every=0)
@@ -58,13 +44,13 @@ def test_resume_is_bitwise_identical_with_discriminator_and_ema(tmp_path, digits
     resumed = torch.load(tmp_path / "b" / "ckpt-0000006.pt", weights_only=True)
     del straight["config"], resumed["config"]  # they differ in ckpt_every only
     assert all(straight[k] is not None for k in ("model", "ema", "disc", "opt_g", "opt_d"))
-    assert _states_equal(straight, resumed) is None
+    assert checkpoint.first_difference(straight, resumed) is None
 
 
 def test_ema_tracks_the_model_and_is_what_samples_and_evaluation_use(tmp_path, digits):
     """After one step from the init: ema = beta init + (1 - beta) model; model.safetensors and cqf.load hold it."""
     import cqf
-    from cqf.step import ema_beta
+    from cqf.schedule import ema_beta
 
     settings = dict(ema_halflife_kimg=0.05, ema_rampup=0.0, eval_every=0, sample_every=0, ckpt_every=1,
                     keep_checkpoints=5)
@@ -94,7 +80,7 @@ def test_ema_tracks_the_model_and_is_what_samples_and_evaluation_use(tmp_path, d
 
 def test_ema_rampup_limits_the_half_life_to_a_fraction_of_the_images_seen(tmp_path, digits):
     """With train.ema_rampup = r the EMA's half-life after step s is min(h, r (s+1) B) images."""
-    from cqf.step import ema_beta
+    from cqf.schedule import ema_beta
 
     assert ema_beta(64, 10, images_seen=640, rampup=0.05) == pytest.approx(0.5 ** (64 / 32))  # 5% of 640 images
     assert ema_beta(64, 10, images_seen=10**6, rampup=0.05) == pytest.approx(0.5 ** (64 / 10_000))  # the cap
@@ -166,6 +152,68 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_checkpoint(tmp_path,
     assert checkpoint.latest(tmp_path).name == "ckpt-0000002.pt"
     assert checkpoint.load(checkpoint.latest(tmp_path)) is not None
     assert not list(tmp_path.glob("*.tmp"))
+
+
+class _NanGradient(torch.autograd.Function):
+    """The identity with a NaN gradient: a finite loss whose gradient overflowed (as bf16 can)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("network", ["generator", "discriminator"])
+def test_a_finite_loss_with_a_non_finite_gradient_stops_before_any_checkpoint_holds_it(tmp_path, digits,
+                                                                                       monkeypatch, network):
+    """From step 3 on the loss is finite but its gradient is NaN: the clipped update writes NaN weights. The run
+    must stop naming the gradient and the step, and every checkpoint left must hold finite weights only."""
+    from cqf import losses, step
+
+    calls = {"n": 0}
+    if network == "generator":
+        original, target, name = VAE.elbo, VAE, "elbo"
+
+        def poisoned(self, x):
+            calls["n"] += 1
+            terms = original(self, x)
+            if calls["n"] > 4:  # 1 init call + 3 good steps
+                terms.log_px_z = _NanGradient.apply(terms.log_px_z)
+            return terms
+    else:
+        original, target, name = losses.discriminator_bce, step.losses, "discriminator_bce"
+
+        def poisoned(real_logits, fake_logits):
+            calls["n"] += 1
+            loss = original(real_logits, fake_logits)
+            return _NanGradient.apply(loss) if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(target, name, poisoned)
+    # D's NaN weights reach the generator in the same step, through L_Q
+    term = "grad_norm" if network == "generator" else "loss_quality"
+    settings = dict(steps=10, ckpt_every=1, keep_checkpoints=20, eval_every=0, sample_every=0, grad_clip=100.0)
+    if network == "discriminator":
+        settings |= dict(quality_weight=1.0, warmup_steps=0)
+    with pytest.raises(TrainingError, match=rf"non-finite {term} \(nan\) at step 3"):
+        train(tiny_config(**settings), tmp_path, data=digits, progress=False)
+    assert checkpoint.latest(tmp_path).name == "ckpt-0000003.pt"  # the state before step 3's update
+    for path in checkpoint.checkpoints(tmp_path):
+        payload = torch.load(path, weights_only=True)
+        for key in ("model", "disc"):
+            assert all(torch.isfinite(v).all() for v in (payload[key] or {}).values() if v.is_floating_point()), key
+
+
+def test_first_difference_finds_a_changed_bit_anywhere_in_a_payload():
+    a = {"model": {"w": torch.zeros(3), "b": torch.ones(2)}, "step": 4, "opt": {"state": [torch.zeros(1)]}}
+    same = {"model": {"w": torch.zeros(3), "b": torch.ones(2)}, "step": 4, "opt": {"state": [torch.zeros(1)]}}
+    assert checkpoint.first_difference(a, same) is None
+    changed = {**same, "opt": {"state": [torch.tensor([1e-300])]}}
+    assert checkpoint.first_difference(a, changed) == "/opt/state[0]"
+    assert checkpoint.first_difference(a, {**same, "step": 5}) == "/step"
+    assert checkpoint.first_difference(a, {**same, "extra": 1}) == ": keys differ"
 
 
 def test_corrupt_and_foreign_checkpoints_are_named(tmp_path):
@@ -282,7 +330,7 @@ def test_sigkill_in_the_middle_then_resume_is_bitwise_identical(tmp_path):
     straight = torch.load(tmp_path / "straight" / "ckpt-0000200.pt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "ckpt-0000200.pt", weights_only=True)
     assert all(straight[k] is not None for k in ("model", "ema", "disc", "opt_g", "opt_d"))
-    assert _states_equal(straight, resumed) is None
+    assert checkpoint.first_difference(straight, resumed) is None
 
 
 def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path, digits, monkeypatch):

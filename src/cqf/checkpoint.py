@@ -21,7 +21,8 @@ from .config import Config, from_dict, to_dict
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, read_safetensors, write_safetensors
 
-__all__ = ["BEST", "FORMAT", "LoadedModel", "best_bpd", "checkpoints", "latest", "load", "load_payload", "prune", "save",
+__all__ = ["BEST", "FORMAT", "LoadedModel", "best_bpd", "checkpoints", "first_difference", "latest", "load",
+           "load_payload", "prune", "save",
            "save_safetensors"]
 
 FORMAT = "cqf-checkpoint-v1"
@@ -111,6 +112,23 @@ def latest(run_dir: Path) -> Path | None:
     """The newest training checkpoint in run_dir (the highest step), or None."""
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def first_difference(a, b, where: str = "") -> str | None:
+    """Where two checkpoint payloads (nested dicts, lists and tensors) first differ, bit for bit, or None when
+    they are identical: the check behind "a resumed run equals an uninterrupted one"."""
+    if isinstance(a, torch.Tensor):
+        return None if isinstance(b, torch.Tensor) and torch.equal(a, b) else where
+    if isinstance(a, dict):
+        if not isinstance(b, dict) or set(a) != set(b):
+            return f"{where}: keys differ"
+        return next((d for k in a if (d := first_difference(a[k], b[k], f"{where}/{k}"))), None)
+    if isinstance(a, (list, tuple)):
+        if not isinstance(b, (list, tuple)) or len(a) != len(b):
+            return f"{where}: lengths differ"
+        return next((d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                     if (d := first_difference(x, y, f"{where}[{i}]"))), None)
+    return None if a == b else where
 
 
 BEST = "best.pt"  # the checkpoint with the lowest validation bits/dim so far (never pruned)

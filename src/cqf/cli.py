@@ -146,17 +146,21 @@ def _eval(args) -> None:
 def _sample(args) -> None:
     from .checkpoint import load
     from .quality import save_samples
+    from .run import resolve_device
 
     if args.num < 1:
         raise CQFError(f"-n must be >= 1, got {args.num}")
-    out = save_samples(load(args.checkpoint, args.device).model, args.num, args.out, args.seed, args.device)
+    resolve_device(args.device, "--device")
+    out = save_samples(load(args.checkpoint, args.device).model, args.num, args.out, args.seed)
     print(f"{args.num} samples written to {out}")
 
 
 def _classifier(args) -> None:
     from .data import load_dataset
     from .features import train_classifier
+    from .run import resolve_device
 
+    resolve_device(args.device, "--device")
     data = load_dataset(args.data)
     out = args.out or Path("classifiers") / f"{args.data.replace(':', '_').replace('/', '_')}.safetensors"
     info = train_classifier(data, out, epochs=args.epochs, device=args.device)

@@ -7,13 +7,12 @@ Unknown keys and wrong types are errors at load time, each naming the valid choi
 from __future__ import annotations
 
 import dataclasses
-import typing
+import math
+import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from .dictconfig import bundled_configs, from_dict, merge, parse_override, read_yaml, to_dict
 from .errors import ConfigError
 
 __all__ = [
@@ -24,8 +23,10 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "bundled_configs",
+    "check_device",
     "from_dict",
     "load_config",
+    "to_dict",
 ]
 
 
@@ -44,6 +45,26 @@ def _require(checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(message)
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what cqf runs on; whether that device exists is checked when used
+
+
+def check_device(name: str, key: str) -> tuple[bool, str]:
+    """(valid, message) for a device string of `key`: auto, cpu, cuda or cuda:N."""
+    return bool(DEVICE.fullmatch(name)), f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}"
+
+
+def _finite(obj, prefix: str) -> list[tuple[bool, str]]:
+    """Every float field (and each number of a float pair) of dataclass `obj` finite: an inf or a nan learning
+    rate, weight or budget is a typo, never a setting."""
+    checks = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            checks.append((False, f"{prefix}{f.name} must be a finite number, got {value!r}"))
+    return checks
+
+
 def _beta_pair(name: str, betas: tuple[float, float]) -> tuple[bool, str]:
     return all(0 <= b < 1 for b in betas), f"{name} must be two numbers in [0, 1), got {list(betas)}"
 
@@ -55,7 +76,13 @@ class DataConfig:
     val_size: int = 200  # held-out validation slice taken from the training split (images)
 
     def __post_init__(self):
-        _require([(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")])
+        root = Path(self.root).expanduser()
+        _require([
+            (self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}"),
+            (not self.root or root.is_dir() or not root.exists(),
+             f"data.root must be a folder, got the file {self.root!r}: set data.root to the folder that holds "
+             "the data set's files"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -76,7 +103,10 @@ class ModelConfig:
             (self.latent_dim >= 1, f"model.latent_dim must be >= 1, got {self.latent_dim}"),
             (self.channels >= 1, f"model.channels must be >= 1, got {self.channels}"),
             (self.flow_couplings >= 0, f"model.flow_couplings must be >= 0 (0 = no flow), got {self.flow_couplings}"),
+            *_finite(self, "model."),
             (self.flow_scales in (1, 2), f"model.flow_scales must be 1 or 2, got {self.flow_scales}"),
+            (self.flow_scales == 1 or self.flow_couplings > 0,
+             f"model.flow_scales={self.flow_scales} needs a flow: set model.flow_couplings > 0, or flow_scales=1"),
             (self.flow_hidden >= 1, f"model.flow_hidden must be >= 1, got {self.flow_hidden}"),
             (self.flow_max_log_scale > 0, f"model.flow_max_log_scale must be > 0, got {self.flow_max_log_scale}"),
             (self.sigma_floor > 0, f"model.sigma_floor must be > 0, got {self.sigma_floor}"),
@@ -126,6 +156,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _require([
+            *_finite(self, "train."),
             (self.steps >= 0, f"train.steps must be >= 0, got {self.steps}"),
             (self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}"),
             (self.minutes >= 0, f"train.minutes must be >= 0 (0 = no time budget), got {self.minutes}"),
@@ -170,6 +201,7 @@ class TrainConfig:
             (self.eval_iw_samples >= 0, f"train.eval_iw_samples must be >= 0 (0 = ELBO only), got "
                                         f"{self.eval_iw_samples}"),
             (self.num_threads >= 0, f"train.num_threads must be >= 0 (0 = torch's default), got {self.num_threads}"),
+            check_device(self.device, "train.device"),
             (self.precision in PRECISIONS,
              f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ])
@@ -193,6 +225,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self):
+        _require([(0 <= self.seed < 2**32, f"seed must be an integer in [0, 2**32), got {self.seed}")])
         if self.is_gan and self.model.flow_couplings > 0:
             raise ConfigError("a GAN (train.coverage_weight=0) has no flow: set model.flow_couplings=0")
         if self.is_gan and self.train.quality_batch != self.train.batch_size:
@@ -255,112 +288,17 @@ class EvalConfig:
             (self.gan_bpd_steps >= 0, f"--gan-bpd-steps must be >= 0, got {self.gan_bpd_steps}"),
             (self.max_images >= 0, f"--max-images must be >= 0 (0 = all), got {self.max_images}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (0 <= self.seed < 2**32, f"--seed must be an integer in [0, 2**32), got {self.seed}"),
+            check_device(self.device, "--device"),
+            (self.features == "inception" or (self.features.startswith("classifier:") and
+                                              len(self.features) > len("classifier:")),
+             f"--features must be inception or classifier:PATH, got {self.features!r}"),
         ])
-
-
-def _coerce(value, hint, where: str):
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
-    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)  # PyYAML (YAML 1.1) reads "3e-4" as a string
-        except ValueError:
-            pass
-    elif hint in (int, bool, str) and type(value) is hint:  # exact: True is not an int here
-        return value
-    raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
-
-
-def from_dict(cls, data: dict, prefix: str = ""):
-    """Build dataclass `cls` from a (partial) nested dict; unknown keys and wrong types raise ConfigError."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(names)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def bundled_configs() -> dict[str, str]:
-    """Name -> first comment line (the description) of every config shipped with cqf."""
-    found = {}
-    for entry in sorted(resources.files("cqf.configs").iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".yaml"):
-            first = entry.read_text().splitlines()[0] if entry.read_text() else ""
-            found[entry.name[: -len(".yaml")]] = first.lstrip("# ").strip()
-    return found
-
-
-def _read_yaml(source: str | Path) -> dict:
-    path = Path(source)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        text = path.read_text()
-    else:
-        name = str(source)
-        if name not in bundled_configs():
-            raise ConfigError(f"unknown config {name!r}; bundled configs: {', '.join(bundled_configs())}")
-        text = resources.files("cqf.configs").joinpath(name + ".yaml").read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {source} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {source} must be a mapping of sections (data, model, train, seed)")
-    return data
-
-
-def parse_override(text: str) -> dict:
-    """'train.lr=3e-4' -> {'train': {'lr': 3e-4}} (the value is parsed as YAML)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. --set train.lr=3e-4)")
-    value = yaml.safe_load(raw) if raw else ""
-    for part in reversed(key.strip().split(".")):
-        value = {part: value}
-    return value
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file or bundled config <- `key=value` overrides, validated strictly."""
-    data = _read_yaml(source) if source is not None else {}
+    data = read_yaml(source) if source is not None else {}
     for text in overrides:
-        data = _merge(data, parse_override(text))
+        data = merge(data, parse_override(text))
     return from_dict(Config, data)
-
-
-def to_dict(cfg: Config) -> dict:
-    """Plain nested dict (tuples as lists) for YAML, JSON and checkpoints."""
-
-    def plain(value):
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(dataclasses.asdict(cfg))

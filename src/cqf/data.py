@@ -56,11 +56,6 @@ class ImageData:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])
 
-    @property
-    def num_dims(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w
-
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         if name not in ("train", "val", "test"):
             raise DataError(f"unknown split {name!r}; choose train, val or test")

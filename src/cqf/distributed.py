@@ -27,6 +27,7 @@ __all__ = [
     "any_rank",
     "average_gradients",
     "average_parameter_gradients",
+    "check_global_batches",
     "check_replicas",
     "context",
     "finish",
@@ -66,18 +67,23 @@ def context() -> Context:
     return _CONTEXT
 
 
-def init_from_env(device: str, **batches: int) -> tuple[Context, str]:
+def check_global_batches(**batches: int) -> None:
+    """Each global batch (by its `train.` key, in images as a step takes them) divides evenly over the processes
+    of this run (`WORLD_SIZE`), or a one-line ConfigError names the key and the fix."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for key, size in batches.items():
+        if size % world:
+            raise ConfigError(f"train.{key}: a global batch of {size} images must divide evenly over the {world} "
+                              f"processes; set train.{key} to a multiple of {world}")
+
+
+def init_from_env(device: str) -> tuple[Context, str]:
     """Join the process group torchrun describes (WORLD_SIZE > 1), once; returns the context and the device
-    this rank trains on (`cuda:LOCAL_RANK` under NCCL). `batches` are global batch sizes by their `train.` key,
-    each of which must divide over the processes."""
+    this rank trains on (`cuda:LOCAL_RANK` under NCCL)."""
     global _CONTEXT
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _CONTEXT, device
-    for key, size in batches.items():
-        if size % world:
-            raise ConfigError(f"train.{key}={size} is a global batch and must divide evenly over the {world} "
-                              f"processes; set it to a multiple of {world}")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:

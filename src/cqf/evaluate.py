@@ -37,8 +37,10 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
     """
     from .likelihood import checkpoint_bits_per_dim
     from .quality import default_metrics
+    from .run import resolve_device
 
     cfg = dataclasses.replace(config or EvalConfig(), **fields)
+    cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device, "--device")))  # auto -> cpu or cuda
     source = Path(source)
     kind = _source_kind(source)
     loaded: LoadedModel | None = load(source, device=cfg.device) if kind == "checkpoint" else None
@@ -100,7 +102,7 @@ def _sample_quality(result: dict, source: Path, kind: str, loaded: LoadedModel |
         result["error"] = str(err)
         return
     if loaded is not None:
-        x_gen = sample_images(loaded.model, cfg.num_samples, seed=cfg.seed, device=cfg.device, progress=cfg.progress)
+        x_gen = sample_images(loaded.model, cfg.num_samples, seed=cfg.seed, progress=cfg.progress)
     else:
         x_gen = load_image_folder(source, data.image_shape[0]) if kind == "folder" else load_npz_images(source,
                                                                                                        cfg.npz_key)

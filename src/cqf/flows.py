@@ -164,7 +164,8 @@ class Sequential(nn.Module):
 
 
 class FactorOut(nn.Module):
-    """Real NVP's multi-scale split: `inner` transforms the first half of the channels, the rest is kept.
+    """Real NVP's multi-scale split: `inner` transforms the first half of the channels; the second half is
+    factored out (left as it is, its density modelled at this scale).
 
     The factored-out half is not dropped but re-assembled, so that y keeps the shape of x (DESIGN section 2).
     """
@@ -174,13 +175,13 @@ class FactorOut(nn.Module):
         self.inner = inner
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        kept, out = x.chunk(2, dim=1)
-        kept, logdet = self.inner(kept)
-        return torch.cat([kept, out], dim=1), logdet
+        transformed, factored = x.chunk(2, dim=1)
+        transformed, logdet = self.inner(transformed)
+        return torch.cat([transformed, factored], dim=1), logdet
 
     def inverse(self, y: Tensor) -> Tensor:
-        kept, out = y.chunk(2, dim=1)
-        return torch.cat([self.inner.inverse(kept), out], dim=1)
+        transformed, factored = y.chunk(2, dim=1)
+        return torch.cat([self.inner.inverse(transformed), factored], dim=1)
 
 
 def _couplings(masks: list[Tensor], hidden: int, max_log_scale: float, actnorm: bool) -> list[nn.Module]:

@@ -66,9 +66,8 @@ def default_metrics(image_shape: tuple[int, int, int], features: str, has_model:
 
 
 @torch.no_grad()
-def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int = 0, device: str = "cpu",
-                  progress: bool = False) -> Tensor:
-    """`num` samples of a model as uint8 images (N, C, H, W) in 0..255, from a fixed seed."""
+def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int = 0, progress: bool = False) -> Tensor:
+    """`num` samples of a model (on the model's device) as uint8 images (N, C, H, W) in 0..255, from a fixed seed."""
     from tqdm.auto import tqdm
 
     out = []
@@ -80,13 +79,13 @@ def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int 
     return torch.cat(out)
 
 
-def save_samples(model: ImageModel, num: int, out: str | Path, seed: int = 0, device: str = "cpu") -> Path:
+def save_samples(model: ImageModel, num: int, out: str | Path, seed: int = 0) -> Path:
     """`num` samples (`sample_images`) as one PNG grid when `out` ends in .png, else as N PNG files in `out`."""
     from .images import write_image_folder
 
     out = Path(out)
     grid = out.suffix.lower() == ".png"
-    images = sample_images(model, num, seed=seed, device=device, progress=not grid)
+    images = sample_images(model, num, seed=seed, progress=not grid)
     if grid:
         save_grid(images.float() / 255, out)  # uint8 0..255 -> [0, 1]; the same images a folder would hold
         return out

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, distributed, flows, nets
-from .config import Config, from_dict, to_dict
+from .config import Config, check_device, from_dict, to_dict
 from .data import ImageData, batch_indices, dequantize
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import DensityModel, build_model
@@ -29,10 +29,20 @@ __all__ = ["FiniteGuard", "Run", "apply_hyperparameters", "build_discriminator",
 log = logging.getLogger("cqf")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto` (a GPU when there is one), `cpu`, `cuda` or `cuda:N` as a torch device; a one-line ConfigError
+    naming `key` for a malformed name or a GPU this machine does not have."""
+    ok, message = check_device(name, key)
+    if not ok:
+        raise ConfigError(message)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        have = f"only {count} CUDA device(s)" if count else "no CUDA device"
+        raise ConfigError(f"{key}={name}, but this machine has {have}: use {key}=cpu (or auto)")
+    return device
 
 
 def build_discriminator(cfg: Config, image_shape: tuple[int, int, int]) -> nn.Module | None:
@@ -44,10 +54,12 @@ def build_discriminator(cfg: Config, image_shape: tuple[int, int, int]) -> nn.Mo
 
 
 class FiniteGuard:
-    """Records, on the device, the first step at which each loss term was not finite; `check` raises.
+    """Records, on the device, the first step at which each watched term (the losses and the gradient's norm)
+    was not finite; `check` raises.
 
     A training step only adds device ops here (no host sync); `check` runs at the log interval and before every
-    checkpoint, so no checkpoint ever holds weights updated from a non-finite loss.
+    checkpoint, so no checkpoint ever holds weights updated from a non-finite loss or gradient (a finite loss
+    can have a non-finite gradient: an overflow under bf16).
     """
 
     def __init__(self):
@@ -73,13 +85,14 @@ class FiniteGuard:
         never = torch.iinfo(torch.int64).max
         steps = torch.stack([torch.where(self.first[n][0] < 0, never, self.first[n][0]) for n in names])
         steps = distributed.min_over_ranks(steps).tolist()
-        bad = [(s, n, float(self.first[n][1]) if int(self.first[n][0]) == s else float("nan"))
+        # At one step a loss goes before a gradient norm: a non-finite loss makes its gradient non-finite too.
+        bad = [(s, not n.startswith("loss"), n, float(self.first[n][1]) if int(self.first[n][0]) == s else float("nan"))
                for s, n in zip(steps, names, strict=True) if s != never]
         if bad:
-            step, name, value = min(bad)
+            step, _, name, value = min(bad)
             raise TrainingError(
                 f"non-finite {name} ({value}) at step {step}; the last checkpoint in the run directory is intact: "
-                "lower train.lr, raise model.sigma_floor or set train.grad_clip"
+                "lower train.lr, raise model.sigma_floor, set train.grad_clip or use train.precision=fp32"
             )
 
 

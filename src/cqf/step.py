@@ -18,43 +18,28 @@ from torch import Tensor, nn
 
 from . import distributed, losses
 from .augment import augment
-from .config import Config, TrainConfig
+from .config import TrainConfig
 from .data import ImageData, batch_indices, dequantize
 from .models import ElboTerms
 from .run import Run
+from .schedule import ema_beta, quality_weight_at
 
 __all__ = [
     "adaptive_weight",
     "autocast",
     "discriminator_step",
-    "ema_beta",
     "ema_update",
     "frozen",
     "generating_parameters",
     "generator_forward",
     "generator_step",
     "grad_norm",
-    "quality_active",
-    "quality_started",
-    "quality_weight_at",
-    "single_backward",
+    "losses_apart",
     "training_step",
 ]
 
 
 ADAPTIVE_EPS = 1e-4  # in the adaptive weight's denominator
-
-
-def ema_beta(batch_size: int, halflife_kimg: float, images_seen: int | None = None, rampup: float = 0.0) -> float:
-    """Per-step EMA decay from a half-life in images, so that it does not change with batch size.
-
-    With `rampup > 0` the half-life is at most `rampup` times the images seen so far (StyleGAN2-ADA's EMA
-    ramp-up): early in training, when the weights move fast, the average does not lag thousands of images.
-    """
-    halflife = halflife_kimg * 1000
-    if rampup > 0 and images_seen is not None:
-        halflife = min(halflife, rampup * images_seen)
-    return 0.5 ** (batch_size / halflife) if halflife > 0 else 0.0
 
 
 @torch.no_grad()
@@ -117,31 +102,21 @@ def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor
     }
 
 
-def grad_norm(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
-    """||d loss / d params|| over all of `params`, without touching their .grad (the graph is kept)."""
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return _norm(grads)
-
-
-def _norm(grads) -> Tensor:
+def grad_norm(grads) -> Tensor:
+    """The global norm sqrt(sum ||g||^2) of gradient tensors (None entries, parameters a loss does not reach, are
+    skipped), detached."""
     return torch.sqrt(sum(g.square().sum() for g in grads if g is not None)).detach()
 
 
-def _adaptive(norm_coverage: Tensor, norm_quality: Tensor, quality_weight: float, max_weight: float,
-              eps: float) -> Tensor:
-    return (quality_weight * norm_coverage / (norm_quality + eps)).clamp(0, max_weight).detach()
+def adaptive_weight(norm_coverage: Tensor, norm_quality: Tensor, quality_weight: float, max_weight: float,
+                    eps: float = ADAPTIVE_EPS) -> Tensor:
+    """w = lambda ||grad_W L_C|| / (||grad_W L_Q|| + eps), clamped to [0, max_weight] and detached.
 
-
-def adaptive_weight(loss_coverage: Tensor, loss_quality: Tensor, layer: nn.Parameter, quality_weight: float,
-                    max_weight: float, eps: float = ADAPTIVE_EPS) -> Tensor:
-    """w = lambda ||grad_layer L_C|| / (||grad_layer L_Q|| + eps), clamped to [0, max_weight] and detached.
-
-    With lambda = 1 the adversarial gradient at `layer` has the norm of the likelihood's (the adaptive weight
-    of VQGAN and of latent-diffusion autoencoders, on the decoder's output layer). The training step computes
-    the same from the two losses' full gradients, which it needs anyway (`generator_step`).
+    `W` is the decoder's output layer: with lambda = 1 the adversarial gradient there has the norm of the
+    likelihood's (the adaptive weight of VQGAN and of latent-diffusion autoencoders). The training step gives
+    the two norms from the losses' full gradients, which it needs anyway (`generator_step`).
     """
-    return _adaptive(grad_norm(loss_coverage, [layer]), grad_norm(loss_quality, [layer]), quality_weight,
-                     max_weight, eps)
+    return (quality_weight * norm_coverage / (norm_quality + eps)).clamp(0, max_weight).detach()
 
 
 def generating_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -160,10 +135,11 @@ def generator_forward(model: nn.Module, x: Tensor | None, num_samples: int,
     return None, model.sample(num_samples) if num_samples else None
 
 
-def single_backward(tc: TrainConfig, measure: bool) -> bool:
-    """Whether the generator step takes one backward pass of the weighted sum (the weight is known before it),
-    rather than one per loss (the adaptive weight, or the logged gradient norms, need them apart)."""
-    return tc.balance != "adaptive" and not measure
+def losses_apart(tc: TrainConfig, measure: bool) -> bool:
+    """Whether L_C and L_Q are differentiated apart, one backward pass each: the adaptive weight and the logged
+    gradient norms need their gradients separately. The forward is then made with two decoder calls
+    (`generator_forward(batched=False)`), so that neither backward runs through the other loss's half."""
+    return tc.balance == "adaptive" or measure
 
 
 def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Optimizer, x: Tensor,
@@ -176,78 +152,75 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
         adaptive:  coverage_weight * L_C + w * L_Q, w = `adaptive_weight` on the decoder's output layer
 
     `quality_weight` is lambda at this step (0 during the warm-up). `forward` is `generator_forward`'s result
-    when the step already made it (the training step shares its samples with the D step), with
-    `batched=single_backward(tc, measure)`; else it is made here, with as many samples as `x` has rows (the
-    training step passes `train.quality_batch_size` samples in `forward`).
+    when the step already made it (the training step shares its samples with the D step), made with
+    `batched=not losses_apart(tc, measure)`; else it is made here, with as many samples as `x` has rows.
     With `measure`, the norms of the gradients of L_C and of L_Q (both in nats per image, unweighted) on the
-    decoder and flow are returned too. `quality_weight_effective` is the weight of L_Q in units of L_C in nats.
-
-    When both losses are on and their gradients are needed apart (adaptive, or `measure`), the two gradients
-    come from one backward pass each and are summed into .grad: no pass is repeated for the weight.
+    decoder and flow are returned too. `quality_weight_effective` is the weight of L_Q in units of L_C in nats;
+    `grad_norm` is the norm of the whole gradient before clipping (the training step watches it: a finite loss
+    can still have a non-finite gradient).
     """
     adversarial = quality_weight > 0 and disc is not None
     if forward is None:
         with autocast(x.device, tc.precision):
             forward = generator_forward(model, x if tc.coverage_weight > 0 else None,
-                                        x.shape[0] if adversarial else 0, batched=single_backward(tc, measure))
+                                        x.shape[0] if adversarial else 0, batched=not losses_apart(tc, measure))
     terms, fake = forward
     stats, loss_coverage, loss_quality = {}, None, None
-    coverage_scale = tc.coverage_weight
+    coverage_scale = tc.coverage_weight / (math.prod(x.shape[1:]) * math.log(2) if tc.balance == "per_dim" else 1)
     if terms is not None:
         nats = -terms.elbo.mean()  # summed over dimensions, averaged over the batch
-        if tc.balance == "per_dim":
-            coverage_scale /= math.prod(x.shape[1:]) * math.log(2)
         loss_coverage = coverage_scale * nats
-        stats |= {
-            "loss_coverage": nats.detach(),
-            "bpd": model.bits_per_dim(terms.elbo.detach()).mean(),
-            "kl": terms.kl.detach().mean(),
-            "sigma_at_floor": terms.sigma_at_floor,
-        }
+        stats |= {"loss_coverage": nats.detach(), "bpd": model.bits_per_dim(terms.elbo.detach()).mean(),
+                  "kl": terms.kl.detach().mean(), "sigma_at_floor": terms.sigma_at_floor}
     if adversarial:
         with frozen(disc), autocast(x.device, tc.precision):  # gradients reach the decoder and flow, not D
             loss_quality = losses.quality_loss(disc(augment(fake, tc.augment_policy)))
         stats["loss_quality"] = loss_quality.detach()
     opt.zero_grad(set_to_none=True)
-    if loss_quality is None:
-        loss_coverage.backward()
+    if loss_coverage is not None and loss_quality is not None and losses_apart(tc, measure):
+        stats |= _backward_apart(model, loss_coverage, loss_quality, tc, quality_weight, coverage_scale, measure)
+    else:  # one backward pass of the weighted sum: the weight is known before it
+        weighted = [loss for loss in (loss_coverage, None if loss_quality is None else quality_weight * loss_quality)
+                    if loss is not None]
+        sum(weighted).backward()
         distributed.average_parameter_gradients(model.parameters())
-    elif loss_coverage is None:
-        (quality_weight * loss_quality).backward()
-        distributed.average_parameter_gradients(model.parameters())
-        stats["quality_weight_effective"] = torch.as_tensor(quality_weight)
-    elif single_backward(tc, measure):
-        (loss_coverage + quality_weight * loss_quality).backward()
-        distributed.average_parameter_gradients(model.parameters())
-        stats["quality_weight_effective"] = torch.as_tensor(quality_weight / coverage_scale)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-        shared = generating_parameters(model)
-        # Two graphs (the forward was made unbatched for this path): nothing is retained, which compiled
-        # networks require.
-        grads_c = torch.autograd.grad(loss_coverage, params, allow_unused=True)
-        grads_q = torch.autograd.grad(loss_quality, shared, allow_unused=True)
-        averaged = distributed.average_gradients([*grads_c, *grads_q])  # the weight from the global gradients
-        grads_c, grads_q = averaged[: len(grads_c)], averaged[len(grads_c) :]
-        weight = torch.as_tensor(quality_weight, dtype=loss_quality.dtype, device=loss_quality.device)
-        if tc.balance == "adaptive":
-            last = model.decoder.last.weight
-            weight = _adaptive(_norm([grads_c[_index(params, last)]]), _norm([grads_q[_index(shared, last)]]),
-                               quality_weight, tc.quality_weight_max, ADAPTIVE_EPS)
-        if measure:  # before the sum below, which reuses L_C's gradient tensors
-            by_param = dict(zip(params, grads_c, strict=True))
-            stats["grad_norm_coverage"] = _norm([by_param[p] for p in shared]) / coverage_scale
-            stats["grad_norm_quality"] = _norm(grads_q)
-        for p, g in zip(params, grads_c, strict=True):
-            p.grad = _layout_of(p, g)
-        for p, g in zip(shared, grads_q, strict=True):
-            if g is not None:
-                p.grad = _layout_of(p, weight * g) if p.grad is None else p.grad.add_(weight * g)
-        stats["quality_weight_effective"] = weight / coverage_scale
-    if tc.grad_clip > 0:
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).detach()
+        if loss_quality is not None:
+            stats["quality_weight_effective"] = torch.as_tensor(
+                quality_weight / coverage_scale if loss_coverage is not None else quality_weight)
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf  # inf: the norm is measured, nothing clipped
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
     opt.step()
     return stats
+
+
+def _backward_apart(model: nn.Module, loss_coverage: Tensor, loss_quality: Tensor, tc: TrainConfig,
+                    quality_weight: float, coverage_scale: float, measure: bool) -> dict:
+    """.grad = grad L_C + w grad L_Q from one backward pass per loss, with w = lambda or the adaptive weight of
+    the global (rank-averaged) gradients; with `measure`, the two gradients' norms on the shared parameters
+    (L_C's in nats per image: without `coverage_scale`, the per-dim scale and coverage_weight). The forward was
+    made unbatched for this path, so nothing is retained between the passes (compiled networks require it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    shared = generating_parameters(model)
+    grads_c = torch.autograd.grad(loss_coverage, params, allow_unused=True)
+    grads_q = torch.autograd.grad(loss_quality, shared, allow_unused=True)
+    averaged = distributed.average_gradients([*grads_c, *grads_q])
+    grads_c, grads_q = averaged[: len(grads_c)], averaged[len(grads_c) :]
+    by_param = dict(zip(params, grads_c, strict=True))
+    stats = {}
+    weight = torch.as_tensor(quality_weight, dtype=loss_quality.dtype, device=loss_quality.device)
+    if tc.balance == "adaptive":
+        last = model.decoder.last.weight
+        weight = adaptive_weight(grad_norm([by_param[last]]), grad_norm([grads_q[_index(shared, last)]]),
+                                 quality_weight, tc.quality_weight_max)
+    if measure:  # before the sum below, which reuses L_C's gradient tensors
+        stats["grad_norm_coverage"] = grad_norm([by_param[p] for p in shared]) / coverage_scale
+        stats["grad_norm_quality"] = grad_norm(grads_q)
+    for p, g in zip(params, grads_c, strict=True):
+        p.grad = _layout_of(p, g)
+    for p, g in zip(shared, grads_q, strict=True):
+        if g is not None:
+            p.grad = _layout_of(p, weight * g) if p.grad is None else p.grad.add_(weight * g)
+    return stats | {"quality_weight_effective": weight / coverage_scale}
 
 
 def _layout_of(p: nn.Parameter, g: Tensor | None) -> Tensor | None:
@@ -259,34 +232,6 @@ def _layout_of(p: nn.Parameter, g: Tensor | None) -> Tensor | None:
 
 def _index(params: list[nn.Parameter], target: nn.Parameter) -> int:
     return next(i for i, p in enumerate(params) if p is target)
-
-
-def quality_weight_at(cfg: Config, step: int) -> float:
-    """lambda at `step`: 0 during a hybrid's warm-up, then rising linearly over `quality_ramp_steps`, then
-    `quality_weight`; after the warm-up, 0 too on the steps between adversarial ones (`quality_every` k: L_Q
-    and D train when k divides step + 1, so that the log steps, multiples of k, are adversarial). lambda is
-    not rescaled by k: it weighs L_Q on the steps that have it. A GAN has no warm-up: lambda from its first
-    step."""
-    tc = cfg.train
-    if cfg.is_gan or tc.quality_weight == 0:
-        return tc.quality_weight
-    if step < tc.warmup_steps or (step + 1) % tc.quality_every:
-        return 0.0
-    if tc.quality_ramp_steps > 0:
-        return tc.quality_weight * min(1.0, (step - tc.warmup_steps + 1) / tc.quality_ramp_steps)
-    return tc.quality_weight
-
-
-def quality_active(cfg: Config, step: int) -> bool:
-    """Whether L_Q (and D) train at `step`: after the warm-up on every `quality_every`-th step in hybrid runs,
-    from the first step in a GAN."""
-    return quality_weight_at(cfg, step) > 0
-
-
-def quality_started(cfg: Config, step: int) -> bool:
-    """Whether the warm-up is over at `step` (a GAN has none): from here L_Q trains, on every
-    `quality_every`-th step."""
-    return cfg.has_discriminator and (cfg.is_gan or step >= cfg.train.warmup_steps)
 
 
 def training_step(run: Run, data: ImageData) -> dict:
@@ -306,7 +251,7 @@ def training_step(run: Run, data: ImageData) -> dict:
     quality_weight = quality_weight_at(cfg, step)
     with distributed.shard():
         stats = _sharded_step(run, data, quality_weight)
-    run.guard.watch(step, **{k: stats[k] for k in ("loss_coverage", "loss_quality") if k in stats})
+    run.guard.watch(step, **{k: stats[k] for k in ("loss_coverage", "loss_quality", "grad_norm") if k in stats})
     if quality_weight > 0 and not cfg.is_gan:
         stats["quality_weight"] = quality_weight
     if run.ema is not None:
@@ -335,7 +280,7 @@ def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
     num_fake = distributed.local_rows(min(tc.quality_batch, num_train))  # as many as the D step's real images
     with autocast(run.device, tc.precision):
         forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, num_fake if adversarial else 0,
-                                    batched=single_backward(tc, measure))
+                                    batched=not losses_apart(tc, measure))
     if adversarial:
         for i in range(tc.d_steps):
             idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.quality_batch, cfg.seed + 1)
@@ -347,6 +292,6 @@ def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
                     fake = run.model.sample(num_fake)
             stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma,
                                         tc.precision)
-            run.guard.watch(step, loss_d=stats["loss_d"])  # every D step, not only the last
+            run.guard.watch(step, loss_d=stats["loss_d"])  # every D step; its weights reach L_Q in this step's G step
     return stats | generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, measure,
                                   forward=forward)

@@ -25,13 +25,14 @@ from torch import Tensor, nn
 from . import checkpoint, distributed
 from .config import Config, to_dict
 from .data import ImageData, dequantize, load_dataset, to_unit
-from .errors import ConfigError, TrainingError
+from .errors import TrainingError
 from .images import save_grid
 from .likelihood import bits_per_dim
 from .models import DensityModel
 from .report import write_json
 from .run import Run, build_run
-from .step import quality_started, training_step
+from .schedule import quality_started
+from .step import training_step
 
 __all__ = ["Periodic", "finish", "train"]
 
@@ -235,13 +236,11 @@ def _deterministic(enabled: bool):
 
 
 def _train(cfg: Config, run_dir: Path, data: ImageData | None, progress: bool) -> nn.Module:
-    ctx, device = distributed.init_from_env(cfg.train.device, batch_size=cfg.train.batch_size,
-                                            quality_batch_size=cfg.train.quality_batch)
     data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size)
-    for key, size in [("batch_size", cfg.train.batch_size), ("quality_batch_size", cfg.train.quality_batch)]:
-        if ctx.distributed and min(size, len(data.x_train)) % ctx.world:
-            raise ConfigError(f"a batch of {min(size, len(data.x_train))} images does not divide over {ctx.world} "
-                              f"processes; set train.{key} to a multiple of {ctx.world}")
+    num_train = len(data.x_train)  # a batch is at most the training set
+    distributed.check_global_batches(batch_size=min(cfg.train.batch_size, num_train),
+                                     quality_batch_size=min(cfg.train.quality_batch, num_train))
+    ctx, device = distributed.init_from_env(cfg.train.device)
     run = build_run(cfg, data, run_dir, device)
     if not distributed.same_on_all_ranks(run.step, run.device):
         raise TrainingError(f"rank {ctx.rank} resumed at step {run.step}, not at the step of every other rank: the "
