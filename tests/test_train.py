@@ -126,6 +126,42 @@ def test_resume_with_other_data_or_seed_is_refused(tmp_path, digits):
     train(moved, tmp_path, data=digits, progress=False)  # where the files are may change
 
 
+def _write_npz(path, images, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (images, 8, 8, 3), dtype=np.uint8)  # NHWC: another shape than the digits
+    np.savez(path, x_train=x[:-10], y_train=np.zeros(images - 10, np.int64), x_test=x[-10:], y_test=np.zeros(10))
+
+
+def test_an_npz_run_resumes_after_the_file_moved_but_not_on_other_images(tmp_path, monkeypatch):
+    """The data set's identity is the npz's content, not its path: a moved file (or another working directory)
+    resumes; the same path holding other images, or a data.name with another image shape, is refused naming
+    data.name (not a state-dict shape)."""
+    import dataclasses
+
+    _write_npz(tmp_path / "a.npz", 60)
+    settings = dict(eval_every=0, sample_every=0, eval_iw_samples=0, ckpt_every=2)
+    cfg = tiny_config(steps=2, **settings)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=f"npz:{tmp_path / 'a.npz'}", val_size=5))
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "a.npz").rename(tmp_path / "moved" / "b.npz")
+    monkeypatch.chdir(tmp_path / "moved")  # a relative path from another working directory
+    moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name="npz:b.npz"),
+                                train=dataclasses.replace(cfg.train, steps=4))
+    train(moved, run, progress=False)
+    assert checkpoint.latest(run).name == "ckpt-0000004.pt"
+    _write_npz(tmp_path / "moved" / "b.npz", 60, seed=1)  # the same path, other images
+    longer = dataclasses.replace(moved, train=dataclasses.replace(moved.train, steps=6))
+    with pytest.raises(TrainingError, match=r"data\.name: npz:b\.npz holds other images"):
+        train(longer, run, progress=False)
+    digits = dataclasses.replace(longer, data=dataclasses.replace(longer.data, name="digits"))
+    with pytest.raises(TrainingError, match=r"other data or seed \(data\.name: npz:b\.npz -> digits\)"):
+        train(digits, run, progress=False)
+
+
 def test_evaluation_leaves_weights_untouched(tmp_path, digits):
     model = train(tiny_config(), tmp_path, data=digits, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import DataError
+from .files import sha256_file
 
 __all__ = [
     "DATASETS",
@@ -51,6 +52,12 @@ class ImageData:
     y_val: Tensor
     x_test: Tensor
     y_test: Tensor
+    identity: str = ""  # what the images are, wherever they lie: the content hash of an npz; "" = the name
+
+    @property
+    def key(self) -> str:
+        """The data set's identity for resume checks: the same images give the same key, from any path."""
+        return self.identity or self.name
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -225,4 +232,7 @@ def load_dataset(name: str, root: str | Path = "", val_size: int = 200) -> Image
         choices = ", ".join(n + "PATH" if n.endswith(":") else n for n in DATASETS)
         raise DataError(f"unknown data set {name!r}; choose {choices}")
     parts = loader(Path(root) if root else default_root(), argument)
-    return _split_val(name, *parts, val_size=val_size)
+    data = _split_val(name, *parts, val_size=val_size)
+    if scheme + sep == "npz:":  # a file's path may change (moved, another working directory); its content not
+        data.identity = f"npz:sha256={sha256_file(Path(argument).expanduser())}"
+    return data

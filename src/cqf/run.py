@@ -107,7 +107,7 @@ class Run:
     opt_g: torch.optim.Optimizer  # encoder, decoder and flow
     opt_d: torch.optim.Optimizer | None
     device: torch.device
-    meta: dict  # image_shape, levels, data_name: what a checkpoint needs to rebuild the model
+    meta: dict  # image_shape, levels, data_name, data_identity: what a checkpoint needs to rebuild the model
     step: int = 0
     changed: list[str] = field(default_factory=list)  # config keys the resume changed, "key: old -> new"
     guard: FiniteGuard = field(default_factory=FiniteGuard)
@@ -178,7 +178,8 @@ def build_run(cfg: Config, data: ImageData, run_dir: Path, device: str | None = 
     opt_d = (torch.optim.Adam(disc.parameters(), lr=tc.lr_d, betas=tc.betas_d, fused=fused) if disc is not None
              else None)
     ema = copy.deepcopy(model).requires_grad_(False) if tc.ema_halflife_kimg > 0 else None
-    meta = {"image_shape": list(data.image_shape), "levels": data.levels, "data_name": data.name}
+    meta = {"image_shape": list(data.image_shape), "levels": data.levels, "data_name": data.name,
+            "data_identity": data.key}
     run = Run(cfg, model, disc, ema, opt_g, opt_d, device, meta)
     if (last := checkpoint.latest(run_dir)) is not None:
         _resume(run, last)
@@ -215,6 +216,8 @@ def _resume(run: Run, path: Path) -> None:
         moved = shlex.quote(f"{path}.bad")
         raise TrainingError(f"cannot resume: {what}; move it aside (mv {shlex.quote(str(path))} {moved}) and rerun "
                             f"the same command: {then}") from None
+    run.changed = config_changes(payload.get("config", {}), run.cfg)
+    _refuse_other_data(run, payload, path)  # before the state dicts: another image shape must name data.name
     for key, target in run.state().items():
         if target is None:
             continue
@@ -223,7 +226,7 @@ def _resume(run: Run, path: Path) -> None:
         try:
             target.load_state_dict(payload[key])
         except (RuntimeError, ValueError, KeyError) as err:
-            model_keys = [c for c in config_changes(payload.get("config", {}), run.cfg) if c.startswith("model.")]
+            model_keys = [c for c in run.changed if c.startswith("model.")]
             differs = ", ".join(model_keys) if model_keys else type(err).__name__
             raise TrainingError(f"{path} does not fit this config ({differs}); use a new --out directory") from None
     for optimizer in (run.opt_g, run.opt_d):  # Adam's moments in the parameters' layout (channels_last may change)
@@ -232,11 +235,6 @@ def _resume(run: Run, path: Path) -> None:
                 if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
                     state[key] = torch.empty_like(p).copy_(value)
     run.step = int(payload["step"])
-    run.changed = config_changes(payload.get("config", {}), run.cfg)
-    refused = [c for c in run.changed if c.startswith(("data.", "seed:")) and not c.startswith("data.root:")]
-    if refused:
-        raise TrainingError(f"{path} was trained with other data or seed ({refused[0]}): resuming would continue "
-                            "on other images or batches; use a new --out directory")
     # The optimizer states restore the old lr and betas: the current config's values win.
     tc = run.cfg.train
     apply_hyperparameters(run.opt_g, tc.lr, tc.betas)
@@ -246,3 +244,19 @@ def _resume(run: Run, path: Path) -> None:
     if run.changed:
         log.info("resume: the config changed %s; the new values apply from step %d", ", ".join(run.changed),
                  run.step)
+
+
+def _refuse_other_data(run: Run, payload: dict, path: Path) -> None:
+    """A resume on other images or batches is refused: another data set (by its identity, so that a moved npz
+    file resumes), another validation slice or another seed."""
+    saved, current = payload.get("data_identity"), run.meta["data_identity"]
+    renamed = [c for c in run.changed if c.startswith("data.name:")]
+    if saved is not None and saved == current:
+        renamed = []  # the same images under another path
+    elif saved is not None and not renamed:  # the same name, other images: the file was rewritten
+        renamed = [f"data.name: {run.cfg.data.name} holds other images than when the run started"]
+    refused = renamed + [c for c in run.changed if c.startswith(("data.", "seed:"))
+                         and not c.startswith(("data.root:", "data.name:"))]
+    if refused:
+        raise TrainingError(f"{path} was trained with other data or seed ({refused[0]}): resuming would continue "
+                            "on other images or batches; use a new --out directory")

@@ -186,8 +186,9 @@ def finish(run: Run, data: ImageData, run_dir: Path, periodic: Periodic) -> nn.M
 def sharded_bits_per_dim(model: DensityModel, x_int: Tensor, levels: int, num_importance: int,
                          device: torch.device) -> dict:
     """`bits_per_dim` of all of `x_int`, each rank scoring a contiguous share (no padding, no image twice).
-    With several ranks the dequantization and importance draws differ from a single process's (seed + rank):
-    the same estimator, other noise."""
+    With several ranks the dequantization and importance draws differ from a single process's: rank r scores
+    its contiguous share with seed r, and the results say so (`dequantization_seed` [0, 1, ...] and
+    `images_per_rank`, in rank order): the same estimator, other noise."""
     ctx = distributed.context()
     if not ctx.distributed:
         return bits_per_dim(model, x_int, levels, num_importance, device=device)
@@ -198,8 +199,9 @@ def sharded_bits_per_dim(model: DensityModel, x_int: Tensor, levels: int, num_im
     sums = distributed.sum_over_ranks(torch.tensor(
         [n * part["bpd_elbo"], n * part.get("bpd_iwae", 0.0), n], dtype=torch.float64, device=device)).tolist()
     result = {"bpd_elbo": sums[0] / sums[2]} | ({"bpd_iwae": sums[1] / sums[2]} if num_importance > 0 else {})
-    return result | {"iw_samples": num_importance, "num_images": len(x_int), "dequantization_seed": 0,
-                     "ranks": ctx.world}  # rank r scores its share with seed r
+    shares = [len(s) for s in torch.tensor_split(torch.arange(len(x_int)), ctx.world)]
+    return result | {"iw_samples": num_importance, "num_images": len(x_int), "ranks": ctx.world,
+                     "dequantization_seed": list(range(ctx.world)), "images_per_rank": shares}
 
 
 def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progress: bool = True) -> nn.Module:
