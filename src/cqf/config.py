@@ -53,9 +53,11 @@ class DataConfig:
     name: str = "digits"  # digits | mnist | cifar10 | npz:PATH
     root: str = ""  # where torchvision data sets live; "" = $CQF_DATA or ~/.cache/cqf
     val_size: int = 200  # held-out validation slice taken from the training split (images)
+    image_size: int = 0  # square size to resize to; 0 = the data set's own (folder:PATH needs > 0; cqf.datasets)
 
     def __post_init__(self):
-        _require([(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")])
+        _require([(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}"),
+                  (self.image_size >= 0, f"data.image_size must be >= 0 (0 = own size), got {self.image_size}")])
 
 
 @dataclass(frozen=True)

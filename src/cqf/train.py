@@ -237,7 +237,8 @@ def _deterministic(enabled: bool):
 def _train(cfg: Config, run_dir: Path, data: ImageData | None, progress: bool) -> nn.Module:
     ctx, device = distributed.init_from_env(cfg.train.device, batch_size=cfg.train.batch_size,
                                             quality_batch_size=cfg.train.quality_batch)
-    data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size)
+    data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size,
+                                                      cfg.data.image_size)
     for key, size in [("batch_size", cfg.train.batch_size), ("quality_batch_size", cfg.train.quality_batch)]:
         if ctx.distributed and min(size, len(data.x_train)) % ctx.world:
             raise ConfigError(f"a batch of {min(size, len(data.x_train))} images does not divide over {ctx.world} "
