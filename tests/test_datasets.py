@@ -15,6 +15,8 @@ from cqf.config import DataConfig
 from cqf.data import load_dataset
 from cqf.errors import ConfigError, DataError
 
+from .conftest import tiny_config
+
 
 def _one_line_error(match: str, *args, **kwargs) -> str:
     with pytest.raises(DataError, match=re.escape(match)) as err:
@@ -332,3 +334,36 @@ def test_image_size_is_validated_and_refused_by_data_sets_that_do_not_resize():
         DataConfig(image_size=-1)
     assert load_dataset("digits", val_size=0, image_size=8).image_shape == (1, 8, 8)  # its own size is fine
     _one_line_error("data.image_size=16, but digits has 8x8 images and is not resized", "digits", image_size=16)
+
+
+def test_training_on_a_folder_uses_data_image_size(tmp_path):
+    """`cqf train --set data.name=folder:... --set data.image_size=8`: the size reaches the loader."""
+    import dataclasses
+
+    from cqf.checkpoint import load
+    from cqf.train import train
+
+    _write_folder(tmp_path / "images", num=12)
+    cfg = tiny_config(steps=1, eval_every=0, sample_every=0, eval_iw_samples=0, batch_size=4)
+    cfg = dataclasses.replace(cfg, data=DataConfig(name=f"folder:{tmp_path / 'images'}", root=str(tmp_path / "data"),
+                                                   val_size=2, image_size=8))
+    train(cfg, tmp_path / "run", progress=False)
+    loaded = load(tmp_path / "run" / "ckpt-0000001.pt")
+    assert loaded.image_shape == (3, 8, 8) and loaded.config.data.image_size == 8
+
+
+def test_reference_feature_cache_tells_image_sizes_apart(tmp_path, monkeypatch):
+    """Two sizes of one folder share a name: the cached Inception features of one must not serve the other."""
+    from types import SimpleNamespace
+
+    import cqf.features
+    from cqf.quality import reference_features
+
+    monkeypatch.setattr(cqf.features, "extract", lambda extractor, x, *a: {"f": x.flatten(1)[:, :4].double()})
+    _write_folder(tmp_path / "images", num=12)
+    extractor = SimpleNamespace(name="stub", sha256="0")
+    cached = []
+    for size in (8, 16, 8):
+        data = load_dataset(f"folder:{tmp_path / 'images'}", root=tmp_path, val_size=0, image_size=size)
+        cached.append(reference_features(extractor, data, "train", 0, tmp_path / "features", 11, "cpu", False)[1])
+    assert cached == [False, False, True]
