@@ -366,3 +366,14 @@ def test_reference_feature_cache_tells_image_sizes_apart(tmp_path, monkeypatch):
         data = load_dataset(f"folder:{tmp_path / 'images'}", root=tmp_path, val_size=0, image_size=size)
         cached.append(reference_features(extractor, data, "train", 0, tmp_path / "features", 11, "cpu", False)[1])
     assert cached == [False, False, True]
+
+
+def test_domain_classifier_leaves_out_unlabelled_images(tmp_path):
+    """STL-10's unlabelled images carry label -1: `cqf classifier train stl10` learns from the labelled ones."""
+    from cqf.features import train_classifier
+
+    _write_stl(tmp_path, num_train=3, num_unlabelled=8)
+    data = load_dataset("stl10", root=tmp_path, val_size=0, image_size=8)
+    assert (data.y_train == -1).sum() == 8
+    info = train_classifier(data, tmp_path / "c.safetensors", epochs=2, batch_size=3, width=2, progress=False)
+    assert info["num_classes"] == 10
