@@ -187,7 +187,8 @@ def test_imagenet64_channel_major_rows_and_1_based_labels(tmp_path):
         return hwc.transpose(0, 3, 1, 2).copy(), [label - 1 for label in labels]
 
     train = [official(f"train_data_batch_{i}") for i in range(1, 11)]
-    assert _pairs(ds.x_train, ds.y_train) == _pairs(np.concatenate([x for x, _ in train]), sum([y for _, y in train], []))
+    labels = [label for _, y in train for label in y]
+    assert _pairs(ds.x_train, ds.y_train) == _pairs(np.concatenate([x for x, _ in train]), labels)
     x_test, y_test = official("val_data")
     assert torch.equal(ds.x_test, torch.from_numpy(x_test)) and ds.y_test.tolist() == y_test
 
@@ -315,7 +316,7 @@ def test_cache_is_written_once_reused_and_rebuilt_when_a_source_changes(tmp_path
     assert opened == [] and caches[0].stat().st_mtime_ns == written  # read from the cache, not rewritten
     assert torch.equal(first.x_train, second.x_train) and torch.equal(first.x_test, second.x_test)
 
-    source = sorted((tmp_path / "images").rglob("*.png"))[0]
+    source = min((tmp_path / "images").rglob("*.png"))
     os.utime(source, ns=(written + 10**9, written + 10**9))  # touched only: same size and content, new mtime
     third = load_dataset(name, root=root, val_size=0, image_size=8)
     assert len(opened) == 4 and caches[0].stat().st_mtime_ns != written  # every image decoded again, rewritten

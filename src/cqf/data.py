@@ -241,5 +241,6 @@ def load_dataset(name: str, root: str | Path = "", val_size: int = 200, image_si
     return _split_val(name, *parts, val_size=val_size)
 
 
-# Last: cqf.datasets registers its loaders with register_dataset, defined above (no import cycle).
-from . import datasets  # noqa: E402, F401
+# Last: cqf.datasets registers its loaders with register_dataset, defined above (no import cycle). Not bound to
+# `datasets`, the name _torchvision gives torchvision's module.
+from . import datasets as _datasets  # noqa: E402, F401
