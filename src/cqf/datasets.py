@@ -4,32 +4,34 @@ Registered in `cqf.data`'s registry (`load_dataset(name, root, val_size, image_s
 else $CQF_DATA, else ~/.cache/cqf. Every loader returns 8-bit images (levels 256) as uint8 (N, C, H, W) and
 int64 labels (0-based; 0 where a split has none; -1 for STL-10's unlabelled images).
 
-    name              expects under root                                           train / test        size
-    stl10             stl10_binary/{unlabeled_X,train_X,train_y,test_X,test_y}.bin   unlabelled+train / test  48
-    celeba64          celeba/list_eval_partition.txt, celeba/img_align_celeba/*.jpg  partition 0 / 2     64
-    imagenet64        Imagenet64_train_npz/train_data_batch_{1..10}.npz,
-                      Imagenet64_val_npz/val_data.npz                              train / val         64
-    lsun-bedroom64    bedroom_train_lmdb/ (LMDB, needs `pip install cqf[lsun]`),
-                      else bedroom_train/ (its images, any depth)                  held-out slice      64
-    folder:PATH       PATH/**/*.{jpg,jpeg,png,webp,bmp}                            held-out slice      data.image_size
+    name            expects under root                                             train / test        size
+    stl10           stl10_binary/{unlabeled_X,train_X,train_y,test_X,test_y}.bin   unlabelled + train  48
+                                                                                   / test
+    celeba64        celeba/list_eval_partition.txt, celeba/img_align_celeba/*.jpg  partition 0 / 2     64
+    imagenet64      Imagenet64_train_npz/train_data_batch_{1..10}.npz,             train / val         64
+                    Imagenet64_val_npz/val_data.npz
+    lsun-bedroom64  bedroom_train_lmdb/ (LMDB, needs `pip install cqf[lsun]`),     held-out slice      64
+                    else bedroom_train/ (its images, any depth)
+    folder:PATH     PATH/**/*.{jpg,jpeg,png,webp,bmp} (PATH, not under root)       held-out slice      image_size
 
 Choices, the same for every data set:
 
 - Geometry: the centre square of each image (side min(W, H), or 140 for CelebA's usual face crop; offsets
   floor((W - side) / 2), floor((H - side) / 2)) is resized to size x size with PIL's BOX filter: area averaging,
   antialiased, with no overshoot (a 2x reduction is the mean of each 2x2 block). This is "resize the shorter side,
-  then centre-crop" without rounding the longer side. Chrabaszcz et al. (2017) made downsampled ImageNet with a box
-  resize too.
+  then centre-crop" without rounding the longer side. Chrabaszcz et al. (2017) chose box resizing for downsampled
+  ImageNet.
 - `image_size` (config `data.image_size`): 0 means the size in the table; any other size is resized from the
   source with the same geometry (folder:PATH requires it). STL-10 at 96 and ImageNet-64 at 64 are the source
   pixels, not resized.
 - Held-out test slice where the data set has no test split (LSUN, folders): items sorted by key or path, then a
   permutation seeded with 0; its first min(10,000, max(1, N // 10)) items are the test split.
-- Cache: decoded and resized images are written once to `<root>/cqf-cache/<name>-<size>.npz` (atomically) and
-  reused while the key stored in it matches: a hash of the relative path, size and mtime (ns) of every source
-  file, the size and this module's cache format. Touching, adding or removing a source file rebuilds it. The raw
-  formats read at their own size (STL-10 at 96, ImageNet-64 at 64) are not cached: reading them is a copy.
-  The source must be present even when a cache exists (the key is made from it).
+- Cache: decoded and resized images are written once to `<root>/cqf-cache/<name>-<size>.npz` (atomically; a
+  folder's name there is `folder-<its name>-<hash of its path>`) and reused while the key stored in it matches: a
+  hash of the relative path, size and mtime (ns) of every source file, the size and this module's cache format.
+  Touching, adding or removing a source file rebuilds it. The raw formats read at their own size (STL-10 at 96,
+  ImageNet-64 at 64) are not cached: reading them is a copy. The source must be present even when a cache exists
+  (the key is made from it).
 - Errors: a missing file is a one-line `DataError` with the data set, the exact expected path and where the
   files go; a broken file (truncated binary, npz without `data`, unreadable image, empty LMDB) names the file.
 """
