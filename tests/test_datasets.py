@@ -248,6 +248,9 @@ def test_lsun_bedroom64_refuses_missing_lmdb_package_and_empty_database(tmp_path
     assert str(tmp_path / "bedroom_train_lmdb" / "data.mdb") in message and "bedroom_train/" in message
     _write_lmdb(tmp_path / "bedroom_train_lmdb", [])
     _one_line_error(f"the LMDB {tmp_path / 'bedroom_train_lmdb'} has no entries", "lsun-bedroom64", root=tmp_path)
+    _write_lmdb(tmp_path / "bedroom_train_lmdb", [b"one"])
+    _one_line_error(f"lsun-bedroom64: {tmp_path / 'bedroom_train_lmdb'}: 1 image(s); at least 2", "lsun-bedroom64",
+                    root=tmp_path)
     _write_lmdb(tmp_path / "bedroom_train_lmdb", [b"not an image"] * 2)
     _one_line_error(f"{'0' * 39}1 in {tmp_path / 'bedroom_train_lmdb'} (UnidentifiedImageError", "lsun-bedroom64",
                     root=tmp_path)  # key 1: the first training image

@@ -135,11 +135,11 @@ def _decode_all(items: Iterable, count: int, decode: Callable, shape: tuple) -> 
     return out, channels
 
 
-def held_out_split(count: int) -> tuple[np.ndarray, np.ndarray]:
+def held_out_split(count: int, where: str = "data set") -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices of `count` items (sorted): the test split is the first min(10,000, max(1, count // 10))
     items of a permutation seeded with 0, the same for every run."""
     if count < 2:
-        raise DataError(f"{count} image(s): at least 2 are needed to hold out a test image")
+        raise DataError(f"{where}: {count} image(s); at least 2 are needed to hold out a test image")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(0)).numpy()
     num_test = min(TEST_CAP, max(1, count // 10))
     return np.sort(order[num_test:]), np.sort(order[:num_test])
@@ -416,12 +416,13 @@ def _image_files(folder: Path) -> list[Path]:
                   key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _held_out_images(items: list, decode: Callable, size: int, fetch: Callable = lambda item: item) -> tuple:
+def _held_out_images(where: str, items: list, decode: Callable, size: int,
+                     fetch: Callable = lambda item: item) -> tuple:
     """Decode `items` (sorted) into a train split and the fixed held-out test slice; labels 0.
 
     `fetch(item)` runs in this thread (an LMDB read) and gives what `decode` takes. Grey images stay 1-channel
     only if every image is grey."""
-    train, test = held_out_split(len(items))
+    train, test = held_out_split(len(items), where)
     splits, channels = [], 0
     for indices in (train, test):
         x, c = _decode_all((fetch(items[i]) for i in indices), len(indices), decode, (3, size, size))
@@ -449,7 +450,7 @@ def _lmdb_images(name: str, path: Path, size: int) -> tuple:
             value = txn.get(key)
             return f"{key.decode(errors='replace')} in {path}", value if value is not None else b""
 
-        return _held_out_images(keys, _image_decoder(name, size), size, fetch)
+        return _held_out_images(f"{name}: {path}", keys, _image_decoder(name, size), size, fetch)
 
 
 @register_dataset("lsun-bedroom64")
@@ -473,7 +474,8 @@ def _lsun_bedroom64(root: Path, argument: str, image_size: int) -> tuple:
         raise DataError(f"lsun-bedroom64: no {'/'.join(IMAGE_SUFFIXES)} images in {images}")
     key = _fingerprint(files, root, {"name": "lsun-bedroom64", "size": size})
     return _cached(root, "lsun-bedroom64", size, key,
-                   lambda: _held_out_images(files, _image_decoder("lsun-bedroom64", size), size))
+                   lambda: _held_out_images(f"lsun-bedroom64: {images}", files,
+                                            _image_decoder("lsun-bedroom64", size), size))
 
 
 @register_dataset("folder:")
@@ -495,4 +497,4 @@ def _folder(root: Path, argument: str, image_size: int) -> tuple:
     stem = f"folder-{folder.resolve().name or 'root'}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
     key = _fingerprint(files, folder, {"folder": resolved, "size": image_size})
     return _cached(root, stem, image_size, key,
-                   lambda: _held_out_images(files, _image_decoder(name, image_size), image_size))
+                   lambda: _held_out_images(name, files, _image_decoder(name, image_size), image_size))
