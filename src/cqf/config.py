@@ -74,11 +74,13 @@ class DataConfig:
     name: str = "digits"  # digits | mnist | cifar10 | npz:PATH
     root: str = ""  # where torchvision data sets live; "" = $CQF_DATA or ~/.cache/cqf
     val_size: int = 200  # held-out validation slice taken from the training split (images)
+    image_size: int = 0  # square size to resize to; 0 = the data set's own (folder:PATH needs > 0; cqf.datasets)
 
     def __post_init__(self):
         root = Path(self.root).expanduser()
         _require([
             (self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}"),
+            (self.image_size >= 0, f"data.image_size must be >= 0 (0 = own size), got {self.image_size}"),
             (not self.root or root.is_dir() or not root.exists(),
              f"data.root must be a folder, got the file {self.root!r}: set data.root to the folder that holds "
              "the data set's files"),

@@ -7,8 +7,9 @@ held-out validation slice of train, and test. Model space (DESIGN section 1):
 
 so `x` lies in (-1, 1) and the Jacobian of `k + u -> x` is (2 / levels)^D, which `losses.bits_per_dim` adds.
 
-Data sets are found by name in a registry (`register_dataset`): `digits`, `mnist`, `cifar10`, and the scheme
-`npz:PATH`; a new data set is one decorated loader.
+Data sets are found by name in a registry (`register_dataset`): `digits`, `mnist`, `cifar10`, the scheme
+`npz:PATH`, and those of `cqf.datasets` (`stl10`, `celeba64`, `imagenet64`, `lsun-bedroom64`, `folder:PATH`),
+which resize to `data.image_size`; a new data set is one decorated loader.
 """
 
 from __future__ import annotations
@@ -132,14 +133,15 @@ def _split_val(name, levels, x_train, y_train, x_test, y_test, val_size: int) ->
     return ImageData(name, levels, x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test)
 
 
-# name -> loader(root, argument) returning (levels, x_train, y_train, x_test, y_test). A name ending in ":"
-# is a scheme whose argument follows it (npz:PATH); the others take no argument.
-Loader = Callable[[Path, str], tuple]
+# name -> loader(root, argument, image_size) returning (levels, x_train, y_train, x_test, y_test). A name ending
+# in ":" is a scheme whose argument follows it (npz:PATH); the others take no argument. image_size 0 asks for the
+# data set's own size; a loader that cannot resize ignores it and load_dataset refuses a size it did not deliver.
+Loader = Callable[[Path, str, int], tuple]
 DATASETS: dict[str, Loader] = {}
 
 
 def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    """Decorator: make `load_dataset(name)` call `loader(root, argument)`; `name:` registers a scheme."""
+    """Decorator: make `load_dataset(name)` call `loader(root, argument, image_size)`; `name:` registers a scheme."""
 
     def register(loader: Loader) -> Loader:
         if name in DATASETS:
@@ -151,7 +153,7 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
 
 
 @register_dataset("digits")
-def _digits(root: Path, argument: str) -> tuple:
+def _digits(root: Path, argument: str, image_size: int) -> tuple:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -187,17 +189,17 @@ def _torchvision(name: str, root: Path) -> tuple:
 
 
 @register_dataset("mnist")
-def _mnist(root: Path, argument: str) -> tuple:
+def _mnist(root: Path, argument: str, image_size: int) -> tuple:
     return _torchvision("mnist", root)
 
 
 @register_dataset("cifar10")
-def _cifar10(root: Path, argument: str) -> tuple:
+def _cifar10(root: Path, argument: str, image_size: int) -> tuple:
     return _torchvision("cifar10", root)
 
 
 @register_dataset("npz:")
-def _npz(root: Path, argument: str) -> tuple:
+def _npz(root: Path, argument: str, image_size: int) -> tuple:
     path = Path(argument).expanduser()
     if not path.is_file():
         raise DataError(f"npz data set {path} not found; give data.name=npz:PATH to an existing .npz file")
@@ -218,21 +220,32 @@ def _npz(root: Path, argument: str) -> tuple:
     return 256, x_train, y_train, x_test, y_test
 
 
-def load_dataset(name: str, root: str | Path = "", val_size: int = 200) -> ImageData:
-    """Load a data set by name: `digits`, `mnist`, `cifar10` or `npz:PATH`.
+def load_dataset(name: str, root: str | Path = "", val_size: int = 200, image_size: int = 0) -> ImageData:
+    """Load a data set by name: `digits`, `mnist`, `cifar10`, `npz:PATH`, or one of `cqf.datasets`.
 
     Args:
         name: data set name. `digits` is scikit-learn's 1,797 8x8 digits (17 levels), always available.
-        root: folder of torchvision's files; "" means $CQF_DATA or ~/.cache/cqf.
+        root: folder of the data sets' files; "" means $CQF_DATA or ~/.cache/cqf.
         val_size: images held out of the training split for validation (a fixed slice).
+        image_size: square size the images are resized to; 0 = the data set's own. Only the data sets of
+            `cqf.datasets` resize (folder:PATH needs it); the others accept 0 or their own size.
     """
     scheme, sep, argument = name.partition(":")
     loader = DATASETS.get(scheme + sep if sep else name)
     if loader is None:
         choices = ", ".join(n + "PATH" if n.endswith(":") else n for n in DATASETS)
         raise DataError(f"unknown data set {name!r}; choose {choices}")
-    parts = loader(Path(root) if root else default_root(), argument)
+    parts = loader(Path(root) if root else default_root(), argument, image_size)
+    height, width = parts[1].shape[-2:]
+    if image_size and (height, width) != (image_size, image_size):
+        raise DataError(f"data.image_size={image_size}, but {name} has {height}x{width} images and is not resized; "
+                        f"set data.image_size=0")
     data = _split_val(name, *parts, val_size=val_size)
     if scheme + sep == "npz:":  # a file's path may change (moved, another working directory); its content not
         data.identity = f"npz:sha256={sha256_file(Path(argument).expanduser())}"
     return data
+
+
+# Last: cqf.datasets registers its loaders with register_dataset, defined above (no import cycle). Not bound to
+# `datasets`, the name _torchvision gives torchvision's module.
+from . import datasets as _datasets  # noqa: E402, F401

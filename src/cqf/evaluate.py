@@ -48,7 +48,7 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
         raise CQFError("images given without a data set: add --data NAME (the reference images)")
     # The training split excludes the validation slice the model's run held out (the default one for images).
     data_cfg = loaded.config.data if loaded is not None else DataConfig()
-    data = load_dataset(cfg.data or loaded.data_name, data_cfg.root, data_cfg.val_size)
+    data = load_dataset(cfg.data or loaded.data_name, data_cfg.root, data_cfg.val_size, data_cfg.image_size)
     if loaded is not None and (loaded.image_shape != data.image_shape or loaded.levels != data.levels):
         raise CQFError(f"{source} models {loaded.image_shape} images with {loaded.levels} levels, but {data.name} "
                        f"has {data.image_shape} with {data.levels}; evaluate on its own data set")

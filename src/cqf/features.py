@@ -180,17 +180,20 @@ def train_classifier(
 ) -> dict:
     """Train the domain classifier on the labelled training split; save it with its test accuracy.
 
-    Images enter as uint8 0..255 (the evaluation pipeline's format), so digits' 17 levels are rescaled.
+    Images enter as uint8 0..255 (the evaluation pipeline's format), so digits' 17 levels are rescaled. Images
+    labelled -1 (STL-10's unlabelled split) are left out.
     """
     from tqdm.auto import tqdm
 
     from .nets import Classifier
 
     torch.manual_seed(seed)
-    num_classes = int(data.y_train.max()) + 1
+    labelled = data.y_train >= 0
+    y_train = data.y_train[labelled]
+    num_classes = int(y_train.max()) + 1
     net = Classifier(data.image_shape, num_classes, width).float().to(device)  # float32 whatever the default
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    x_train = levels_to_uint8(data.x_train, data.levels)
+    x_train = levels_to_uint8(data.x_train[labelled], data.levels)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * (len(x_train) // batch_size)
     bar = tqdm(total=steps, desc="classifier", disable=not progress)
@@ -199,7 +202,7 @@ def train_classifier(
         for start in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
             logits = net(x_train[idx].to(device).float() / 255)[1]
-            loss = nn.functional.cross_entropy(logits, data.y_train[idx].to(device))
+            loss = nn.functional.cross_entropy(logits, y_train[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -106,12 +106,16 @@ def reference_images(data: ImageData, split: str, num: int) -> Tensor:
 
 def reference_features(extractor: Extractor, data: ImageData, split: str, num: int, cache_dir: Path | None,
                        batch_size: int, device: str, progress: bool) -> tuple[dict, bool]:
-    """Features of the reference split, cached per (data set, split, size, extractor weights)."""
+    """Features of the reference split, cached per (data set, split, image count and shape, extractor weights).
+
+    The shape is in the key because one name can give images of several sizes (data.image_size).
+    """
     from .features import extract
     from .files import atomic_write
 
     x_ref = reference_images(data, split, num)
-    key = hashlib.sha256(f"{data.name}|{split}|{len(x_ref)}|{extractor.name}|{extractor.sha256}".encode()).hexdigest()
+    key = f"{data.name}|{split}|{tuple(x_ref.shape)}|{extractor.name}|{extractor.sha256}"
+    key = hashlib.sha256(key.encode()).hexdigest()
     path = Path(cache_dir) / f"ref-{key[:24]}.pt" if cache_dir else None
     if path is not None and path.is_file():
         try:

@@ -238,7 +238,8 @@ def _deterministic(enabled: bool):
 
 
 def _train(cfg: Config, run_dir: Path, data: ImageData | None, progress: bool) -> nn.Module:
-    data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size)
+    data = data if data is not None else load_dataset(cfg.data.name, cfg.data.root, cfg.data.val_size,
+                                                      cfg.data.image_size)
     num_train = len(data.x_train)  # a batch is at most the training set
     distributed.check_global_batches(batch_size=min(cfg.train.batch_size, num_train),
                                      quality_batch_size=min(cfg.train.quality_batch, num_train))
