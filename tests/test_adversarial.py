@@ -59,16 +59,31 @@ def _grad_norms(module):
 
 
 def test_quality_loss_reaches_decoder_and_flow_but_not_encoder_or_disc():
+    """Both losses on, one backward pass: L_Q's part of each gradient (the step's gradient minus L_C's alone, on
+    the same draws) is zero on the encoder and on D, and non-zero on every decoder and flow parameter, the
+    decoder's sigma output included (the samples' noise is sigma * eps: L_Q must be able to shrink it)."""
     _, model, disc = build("CQ-F")
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    only_quality = TrainConfig(coverage_weight=0.0, quality_weight=1.0, grad_clip=0.0)
-    generator_step(model, disc, opt, torch.rand(6, *SHAPE) * 2 - 1, only_quality, quality_weight=1.0)
-    assert all(g == 0.0 for g in _grad_norms(model.encoder).values())
-    assert all(g > 0 for g in _grad_norms(model.decoder).values())
-    flow_grads = _grad_norms(model.flow)
-    assert all(g > 0 for g in flow_grads.values()), [n for n, g in flow_grads.items() if g == 0]
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    tc = TrainConfig(quality_weight=1.0, balance="fixed", grad_clip=0.0)
+    both, _ = _gradients(model, disc, tc, 1.0, x)
+    coverage_only, _ = _gradients(model, disc, tc, 0.0, x)
+    quality_part = {n: (both[n] - coverage_only[n]).abs() for n in both}
+    for name, part in quality_part.items():
+        scale = coverage_only[name].abs().max().item()
+        if name.startswith("encoder."):
+            assert part.max().item() <= 1e-12 * scale, name
+        else:
+            assert part.max().item() > 1e-6 * scale, name
+    channels = SHAPE[0]  # the decoder's output layer: mean channels, then the raw scale of sigma
+    last = _last(model)
+    assert quality_part[last][channels:].max() > 1e-6 * coverage_only[last][channels:].abs().max()
     assert all(p.grad is None for p in disc.parameters())  # D frozen during the generator step
     assert all(p.requires_grad for p in disc.parameters())  # ... and unfrozen after it
+
+
+def _last(model) -> str:
+    """The parameter name of the decoder's output-layer weight."""
+    return next(n for n, p in model.named_parameters() if p is model.decoder.last.weight)
 
 
 def _gradients(model, disc, tc, quality_weight, x, measure=False):
@@ -235,16 +250,21 @@ def _fake_data(shape, levels) -> ImageData:
 
 @pytest.mark.parametrize("name", sorted(cqf_config.bundled_configs()))
 def test_every_bundled_config_builds_and_runs_one_step(tmp_path, name):
+    """Each bundled config trains through an adversarial step where it has one: with `quality_every` k the
+    first k - 1 steps are plain ELBO steps, so a hybrid runs k steps and its last record must carry L_Q."""
     torch.set_default_dtype(torch.float32)  # as in real use; the CIFAR-size nets are slow in float64
     cfg = cqf_config.load_config(name)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, steps=1, batch_size=4, warmup_steps=0, eval_every=0, sample_every=0, eval_iw_samples=2,
-        device="cpu"))
+        cfg.train, steps=cfg.train.quality_every, batch_size=4, warmup_steps=0, eval_every=0, sample_every=0,
+        eval_iw_samples=2, device="cpu", quality_batch_size=min(cfg.train.quality_batch_size, 4)))
     shape, levels = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}[
         cfg.data.name]
     model = train(cfg, tmp_path, data=_fake_data(shape, levels), progress=False)
     assert model.sample(2).shape == (2, *shape)
-    assert (tmp_path / "ckpt-0000001.pt").exists()
+    assert (tmp_path / f"ckpt-{cfg.train.steps:07d}.pt").exists()
+    last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if "loss_coverage" in line or "loss_quality" in line][-1]
+    assert ("loss_quality" in last) == cfg.has_discriminator
 
 
 def test_gan_bound_finds_the_closed_form_sigma_and_leaves_the_generator_alone(digits):

@@ -82,6 +82,15 @@ def test_train_sample_eval_end_to_end(capsys, tmp_path):
     expected = sample_images(load(run / "model.safetensors"), 5, seed=3)
     assert torch.equal(load_image_folder(tmp_path / "pngs", channels=1), expected)
 
+    # --no-noise's samples: f^-1(mu(z)) at the same z, without the decoder noise
+    from cqf.data import levels_to_uint8, to_levels
+
+    model = load(run / "model.safetensors")
+    torch.manual_seed(3)
+    means = levels_to_uint8(to_levels(model.sample(5, noise=False), 17), 17)
+    assert torch.equal(sample_images(model, 5, seed=3, noise=False), means)
+    assert not torch.equal(means, expected)
+
 
 def test_report_table_and_plot(tmp_path, capsys):
     for name, variant, bpd, fid in (("a", "VAE-F", 3.5, 112.0), ("b", "CQ-F", 3.9, 28.0)):

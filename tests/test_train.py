@@ -28,6 +28,8 @@ def test_run_directory_has_everything(tmp_path, digits):
     assert {"ckpt-0000002.pt", "ckpt-0000004.pt", "samples-0000004.png", "recon-0000004.png"} <= names
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("val_bpd_elbo" in r for r in records) and any("loss_coverage" in r for r in records)
+    # the decoder's sigma in grey levels, never below its floor (model.sigma_floor = 1: half a grey level)
+    assert all(r["sigma_levels"] >= 0.5 for r in records if "loss_coverage" in r)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["bpd_iwae"] <= results["bpd_elbo"] + 0.05 and results["iw_samples"] == 4
     payload = torch.load(tmp_path / "ckpt-0000004.pt", weights_only=True)  # plain state dicts
@@ -460,3 +462,17 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt, truncated or not a PyTorch file"):
         checkpoint.load(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("clock", ["wall", "process"])
+def test_the_time_budget_counts_the_chosen_clock(tmp_path, digits, monkeypatch, clock):
+    """train.clock=process counts this process's CPU time (runs sharing a machine get equal budgets); the wall
+    clock ignores it. A fake CPU clock that advances 25 s a reading spends a 1-minute budget in a few steps."""
+    from cqf import train as train_module
+
+    readings = iter(range(0, 10**6, 25))
+    monkeypatch.setattr(train_module.time, "process_time", lambda: float(next(readings)))
+    cfg = tiny_config(steps=10, minutes=1.0, clock=clock, eval_every=0, sample_every=0, ckpt_every=0)
+    train(cfg, tmp_path, data=digits, progress=False)
+    step = torch.load(checkpoint.latest(tmp_path), weights_only=True)["step"]
+    assert step == 10 if clock == "wall" else 1 < step < 10

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--gan-bpd", action="store_true",
                     help="GAN checkpoints: fit an encoder and one sigma to the frozen generator, report that bound")
     ev.add_argument("--gan-bpd-steps", type=int, default=2000, help="fitting steps for --gan-bpd [2000]")
+    ev.add_argument("--no-noise", action="store_true",
+                    help="sample f^-1(mu(z)) without the decoder noise: a diagnostic of what the noise costs, not "
+                         "the protocol's samples")
     ev.add_argument("--neighbours", type=Path, default=None, help="PNG: samples beside their nearest real images")
     ev.add_argument("--npz-key", default=None, help="array of an .npz source [x, samples, images, arr_0, x_test]")
     ev.add_argument("--seed", type=int, default=EVAL.seed)
@@ -128,6 +131,7 @@ def _eval(args) -> None:
         gan_bpd_steps=args.gan_bpd_steps if args.gan_bpd else 0, seed=args.seed, batch_size=args.batch_size,
         device=args.device, npz_key=args.npz_key or "", neighbours=str(args.neighbours or ""),
         cache_dir=str(args.cache_dir or default_root() / "features"), max_images=args.max_images,
+        sample_noise=not args.no_noise,
         progress=not args.quiet,
     )
     result = evaluate(args.source, config)

@@ -33,6 +33,7 @@ __all__ = [
 # Metrics of `cqf eval` (cqf.evaluate): bits/dim, FID, KID, Inception Score, precision/recall, density/coverage.
 EVAL_METRICS = ("bpd", "fid", "kid", "is", "pr", "dc")
 FULL_PROTOCOL_SAMPLES = 50_000  # DESIGN section 4
+CLOCKS = ("wall", "process")  # what train.minutes counts (cqf.train.Periodic)
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (cqf.step.autocast)
 BALANCES = ("fixed", "per_dim", "adaptive")  # how L_C and L_Q are weighted (cqf.step.generator_step)
 AUGMENTATIONS = ("color", "translation", "cutout")  # cqf.augment
@@ -122,7 +123,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 3000
-    minutes: float = 0.0  # wall-clock budget for this invocation; 0 = none (stop at `steps`)
+    minutes: float = 0.0  # time budget for this invocation (see `clock`); 0 = none (stop at `steps`)
+    clock: str = "wall"  # what `minutes` counts: wall (wall-clock) | process (this process's CPU time)
     batch_size: int = 64
     lr: float = 1e-3  # encoder, decoder and flow
     betas: tuple[float, float] = (0.9, 0.999)
@@ -162,6 +164,7 @@ class TrainConfig:
             (self.steps >= 0, f"train.steps must be >= 0, got {self.steps}"),
             (self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}"),
             (self.minutes >= 0, f"train.minutes must be >= 0 (0 = no time budget), got {self.minutes}"),
+            (self.clock in CLOCKS, f"train.clock must be one of {', '.join(CLOCKS)}, got {self.clock!r}"),
             (self.lr > 0, f"train.lr must be > 0, got {self.lr}"),
             (self.lr_d > 0, f"train.lr_d must be > 0, got {self.lr_d}"),
             _beta_pair("train.betas", self.betas),
@@ -274,6 +277,7 @@ class EvalConfig:
     neighbours: str = ""  # PNG path for samples beside their nearest reference images; "" = none
     cache_dir: str = ""  # reference feature cache; "" = no cache
     max_images: int = 0  # bits/dim on the first N images only; 0 = the whole split
+    sample_noise: bool = True  # False: samples f^-1(mu(z)) without the decoder noise (a diagnostic, not the protocol)
     progress: bool = True
 
     def __post_init__(self):

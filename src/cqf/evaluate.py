@@ -58,7 +58,8 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
         wanted, note = default_metrics(data.image_shape, cfg.features, loaded is not None, has_density, data.name)
     result = {
         "protocol": {
-            "generated": {"source": str(source), "kind": kind, "seed": cfg.seed},
+            "generated": {"source": str(source), "kind": kind, "seed": cfg.seed}
+            | ({} if cfg.sample_noise else {"decoder_noise": False}),
             "reference": {"data": data.name, "split": cfg.reference},
             "design": "cqf DESIGN section 4: FID/KID/precision/recall against the training split by default, "
                       "the test split with --reference test; bits/dim on the test split",
@@ -102,7 +103,8 @@ def _sample_quality(result: dict, source: Path, kind: str, loaded: LoadedModel |
         result["error"] = str(err)
         return
     if loaded is not None:
-        x_gen = sample_images(loaded.model, cfg.num_samples, seed=cfg.seed, progress=cfg.progress)
+        x_gen = sample_images(loaded.model, cfg.num_samples, seed=cfg.seed, progress=cfg.progress,
+                              noise=cfg.sample_noise)
     else:
         x_gen = load_image_folder(source, data.image_shape[0]) if kind == "folder" else load_npz_images(source,
                                                                                                        cfg.npz_key)

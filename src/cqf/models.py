@@ -75,6 +75,7 @@ class ElboTerms:
     log_px_z: Tensor  # ln N(f(x); mu, sigma^2) + ln|det df/dx|, one z per image
     kl: Tensor  # KL(q(z|x) || p(z))
     sigma_at_floor: Tensor  # scalar: fraction of decoder sigmas within 1% of their floor (diagnostic)
+    sigma_mean: Tensor | None = None  # scalar: mean decoder sigma in feature space, model-space units (diagnostic)
 
     @property
     def elbo(self) -> Tensor:
@@ -165,7 +166,7 @@ class VAE(nn.Module):
         with torch.no_grad():
             sigma = self.likelihood.log_scale(raw_scale[:batch]).exp()
             at_floor = (sigma < 1.01 * self.likelihood.sigma_floor).float().mean()
-        terms = ElboTerms(log_px_z, losses.kl_to_standard_normal(q_mean, q_log_scale), at_floor)
+        terms = ElboTerms(log_px_z, losses.kl_to_standard_normal(q_mean, q_log_scale), at_floor, sigma.mean())
         samples = self.likelihood.sample(mean[batch:], raw_scale[batch:], noise=noise) if num_samples else None
         return terms, samples
 

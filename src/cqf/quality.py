@@ -66,15 +66,17 @@ def default_metrics(image_shape: tuple[int, int, int], features: str, has_model:
 
 
 @torch.no_grad()
-def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int = 0, progress: bool = False) -> Tensor:
-    """`num` samples of a model (on the model's device) as uint8 images (N, C, H, W) in 0..255, from a fixed seed."""
+def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int = 0, progress: bool = False,
+                  noise: bool = True) -> Tensor:
+    """`num` samples of a model (on the model's device) as uint8 images (N, C, H, W) in 0..255, from a fixed seed;
+    `noise=False`: without the decoder noise, x = f^-1(mu(z)) (the same z)."""
     from tqdm.auto import tqdm
 
     out = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, unit="batch"):
-            x = model.sample(min(batch_size, num - start)).float().cpu()
+            x = model.sample(min(batch_size, num - start), noise=noise).float().cpu()
             out.append(levels_to_uint8(to_levels(x, model.levels), model.levels))
     return torch.cat(out)
 

@@ -172,6 +172,8 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
         loss_coverage = coverage_scale * nats
         stats |= {"loss_coverage": nats.detach(), "bpd": model.bits_per_dim(terms.elbo.detach()).mean(),
                   "kl": terms.kl.detach().mean(), "sigma_at_floor": terms.sigma_at_floor}
+        if terms.sigma_mean is not None:  # in grey levels (one level is 2 / levels wide in model space)
+            stats["sigma_levels"] = terms.sigma_mean * model.levels / 2
     if adversarial:
         with frozen(disc), autocast(x.device, tc.precision):  # gradients reach the decoder and flow, not D
             loss_quality = losses.quality_loss(disc(augment(fake, tc.augment_policy)))
