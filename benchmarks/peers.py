@@ -175,16 +175,17 @@ def glow_bits_per_dim(model: FlowDensity, x_int: Tensor, levels: int, max_images
             "estimator": "exact: the flow's ln p(x) in cqf's model space, scored by cqf.likelihood.bits_per_dim"}
 
 
-def train_glow(model: FlowDensity, data: ImageData, minutes: float, batch_size: int, lr: float, seed: int) -> dict:
-    """Maximum likelihood for `minutes` of wall clock (at least one step): the example's Adamax, fresh uniform
-    dequantization every batch, cqf's step-indexed batches. A non-finite batch loss skips the update, as in
-    normflows' example; such steps are counted."""
+def train_glow(model: FlowDensity, data: ImageData, minutes: float, batch_size: int, lr: float, seed: int,
+               clock=time.monotonic) -> dict:
+    """Maximum likelihood for `minutes` of `clock` (wall clock, or `time.process_time`; at least one step): the
+    example's Adamax, fresh uniform dequantization every batch, cqf's step-indexed batches. A non-finite batch
+    loss skips the update, as in normflows' example; such steps are counted."""
     opt = torch.optim.Adamax(model.parameters(), lr=lr, weight_decay=1e-5)
     model.train()
     step = skipped = 0
     last_bpd = float("nan")
-    start = last_log = time.monotonic()
-    while step == 0 or time.monotonic() - start < minutes * 60:
+    start, last_log = clock(), time.monotonic()
+    while step == 0 or clock() - start < minutes * 60:
         x = dequantize(data.x_train[batch_indices(step, len(data.x_train), batch_size, seed)], data.levels)
         log_p = model.log_prob(x)  # (B,) nats; the first call also runs ActNorm's data-dependent init
         loss = -log_p.mean()  # nats per image
@@ -197,9 +198,9 @@ def train_glow(model: FlowDensity, data: ImageData, minutes: float, batch_size: 
             skipped += 1
         step += 1
         if time.monotonic() - last_log > 30:
-            log.info("glow step %d, train bits/dim %.3f, %.0f s", step, last_bpd, time.monotonic() - start)
+            log.info("glow step %d, train bits/dim %.3f, %.0f s", step, last_bpd, clock() - start)
             last_log = time.monotonic()
-    return {"steps": step, "images_seen": step * batch_size, "train_seconds": time.monotonic() - start,
+    return {"steps": step, "images_seen": step * batch_size, "train_seconds": clock() - start,
             "skipped_steps": skipped, "last_train_bpd": last_bpd}
 
 
@@ -224,15 +225,16 @@ class GeneratorSampler(nn.Module):
 
 
 def train_dcgan(generator: dcgan.Generator, discriminator: dcgan.Discriminator, data: ImageData, minutes: float,
-                batch_size: int, seed: int) -> dict:
-    """One D step and one G step per step for `minutes` of wall clock (at least one step): Adam (2e-4, 0.5),
+                batch_size: int, seed: int, clock=time.monotonic) -> dict:
+    """One D step and one G step per step for `minutes` of `clock` (wall clock, or `time.process_time`; at least
+    one step): Adam (2e-4, 0.5),
     D's BCE and G's non-saturating loss. Real images are dequantized to model space as every cqf model sees
     them; a non-finite loss stops the run."""
     opt_g, opt_d = dcgan.adam(generator.parameters()), dcgan.adam(discriminator.parameters())
     generator.train(), discriminator.train()
     step = 0
-    start = last_log = time.monotonic()
-    while step == 0 or time.monotonic() - start < minutes * 60:
+    start, last_log = clock(), time.monotonic()
+    while step == 0 or clock() - start < minutes * 60:
         real = dequantize(data.x_train[batch_indices(step, len(data.x_train), batch_size, seed)], data.levels)
         fake = generator(torch.randn(len(real), generator.latent_dim))
         # Real and generated images go through D in separate batches, so each BatchNorm batch is of one kind.
@@ -249,9 +251,9 @@ def train_dcgan(generator: dcgan.Generator, discriminator: dcgan.Discriminator, 
         step += 1
         if time.monotonic() - last_log > 30:
             log.info("dcgan step %d, loss D %.3f G %.3f, %.0f s", step, loss_d.item(), loss_g.item(),
-                     time.monotonic() - start)
+                     clock() - start)
             last_log = time.monotonic()
-    return {"steps": step, "images_seen": step * batch_size, "train_seconds": time.monotonic() - start,
+    return {"steps": step, "images_seen": step * batch_size, "train_seconds": clock() - start,
             "last_loss_d": loss_d.item(), "last_loss_g": loss_g.item()}
 
 
@@ -304,9 +306,11 @@ def run_peer(name: str, data: ImageData, args) -> dict:
     from cqf.quality import sample_images
 
     torch.manual_seed(args.seed)
+    clock = time.process_time if args.clock == "process" else time.monotonic
     entry: dict = {"peer": name, "data": args.data, "config": args.config, "image_shape": list(data.image_shape),
                    "levels": data.levels, "train_images": len(data.x_train), "val_size": args.val_size,
-                   "minutes": args.minutes, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                   "minutes": args.minutes, "clock": args.clock, "batch_size": args.batch_size,
+                   "threads": torch.get_num_threads(),
                    "seed": args.seed, "torch": torch.__version__}
     if name == "glow":
         import normflows
@@ -319,7 +323,7 @@ def run_peer(name: str, data: ImageData, args) -> dict:
                                   "'channel', sigmoid scale, LU 1x1 conv, ActNorm; unconditional DiagGaussian bases",
                   "optimizer": f"Adamax lr {args.glow_lr:g}, weight decay 1e-5",
                   "parameters": sum(p.numel() for p in model.parameters())}
-        entry |= train_glow(model, data, args.minutes, args.batch_size, args.glow_lr, args.seed)
+        entry |= train_glow(model, data, args.minutes, args.batch_size, args.glow_lr, args.seed, clock)
         model.eval()
         x_test, _ = data.split("test")
         entry["test_bits_per_dim"] = glow_bits_per_dim(model, x_test, data.levels, args.max_test_images) | {
@@ -334,7 +338,7 @@ def run_peer(name: str, data: ImageData, args) -> dict:
                   "optimizer": "Adam lr 2e-4, betas (0.5, 0.999), non-saturating loss",
                   "parameters": {"generator": sum(p.numel() for p in generator.parameters()),
                                  "discriminator": sum(p.numel() for p in discriminator.parameters())}}
-        entry |= train_dcgan(generator, discriminator, data, args.minutes, args.batch_size, args.seed)
+        entry |= train_dcgan(generator, discriminator, data, args.minutes, args.batch_size, args.seed, clock)
         entry["test_bits_per_dim"] = None  # no density
         sampler, temperature = GeneratorSampler(generator, data.levels), None
     started = time.monotonic()
@@ -380,7 +384,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", default=None, help="torchvision files [the config's data.root]")
     parser.add_argument("--val-size", type=int, default=None, help="validation slice held out of train [the "
                         f"config's data.val_size; {DataConfig().val_size} without --config]")
-    parser.add_argument("--minutes", type=float, required=True, help="wall-clock training minutes per peer")
+    parser.add_argument("--minutes", type=float, required=True, help="training minutes per peer (of --clock)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="what --minutes counts: wall clock, or this process's CPU time (as cqf's train.clock) "
+                             "[wall]")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma list of {', '.join(PEERS)} [both]")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default, as cqf "
                         "train.num_threads [0]")
