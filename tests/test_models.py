@@ -200,3 +200,28 @@ def test_elbo_and_sample_equal_elbo_then_sample(model):
     torch.testing.assert_close(terms.kl, reference.kl)
     torch.testing.assert_close(samples, model.sample(3))
     assert samples.requires_grad  # the generator step backpropagates through them
+
+
+def test_decoder_noise_share_closed_forms():
+    """Without a flow the noise adds E[sigma^2] around each mean image; with a constant decoder mean all of the
+    samples' pixel variance is noise (share 1)."""
+    from cqf.quality import decoder_noise_share
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(latent_dim=4, channels=8, flow_couplings=0), (1, 8, 8), 17)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # sigma varies with z and over pixels
+    share = decoder_noise_share(model, num=4000, seed=1)
+    torch.manual_seed(2)
+    _, raw_scale = model.decoder(torch.randn(4000, 4))
+    expected = model.likelihood.log_scale(raw_scale).exp().square().mean().item()
+    assert share["noise"] == pytest.approx(expected, rel=0.03)
+    assert share["total"] == pytest.approx(share["means"] + share["noise"], rel=0.03)
+    assert 0 < share["noise_share"] < 1
+    with torch.no_grad():
+        last = model.decoder.last
+        last.weight[:1].zero_()  # the mean's output channel: mu(z) = bias, the same image for every z
+    constant = decoder_noise_share(model, num=2000, seed=1)
+    assert constant["means"] == pytest.approx(0.0, abs=1e-12)
+    assert constant["noise_share"] == pytest.approx(1.0, rel=0.03)

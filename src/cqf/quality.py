@@ -30,6 +30,7 @@ __all__ = [
     "inception_fits",
     "neighbours_grid",
     "reference_features",
+    "decoder_noise_share",
     "sample_images",
     "save_samples",
 ]
@@ -79,6 +80,39 @@ def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int 
             x = model.sample(min(batch_size, num - start), noise=noise).float().cpu()
             out.append(levels_to_uint8(to_levels(x, model.levels), model.levels))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def decoder_noise_share(model, num: int = 1000, batch_size: int = 250, seed: int = 0) -> dict:
+    """What the decoder noise contributes to a VAE-family model's samples (model space, per pixel, averaged).
+
+    With the same z, x = f^-1(mu(z) + sigma(z) eps) and x_mean = f^-1(mu(z)):
+        total = mean over pixels of Var_z,eps[x]        (the samples' pixel variance)
+        noise = E ||x - x_mean||^2 / D                  (what the noise adds around the mean image)
+        means = mean over pixels of Var_z[x_mean]       (the variance of the noiseless images)
+    and `noise_share = noise / total`. Without a flow, noise = E[sigma^2] and total = means + noise. `sigma_levels`
+    is the decoder's mean sigma in feature space, in grey levels (one level is 2 / levels wide).
+    """
+    sums = {"x": 0.0, "x2": 0.0, "m": 0.0, "m2": 0.0, "noise": 0.0, "sigma": 0.0}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, num, batch_size):
+            rows = min(batch_size, num - start)
+            z = torch.randn(rows, model.latent_dim, device=next(model.parameters()).device)
+            mean, raw_scale = model.decoder(z)
+            x = model.likelihood.sample(mean, raw_scale).double()
+            x_mean = model.likelihood.sample(mean, raw_scale, noise=False).double()
+            sums["x"] += x.sum(0)
+            sums["x2"] += x.square().sum(0)
+            sums["m"] += x_mean.sum(0)
+            sums["m2"] += x_mean.square().sum(0)
+            sums["noise"] += (x - x_mean).square().mean((1, 2, 3)).sum().item()
+            sums["sigma"] += model.likelihood.log_scale(raw_scale).exp().double().mean((1, 2, 3)).sum().item()
+    total = (sums["x2"] / num - (sums["x"] / num).square()).mean().item()
+    means = (sums["m2"] / num - (sums["m"] / num).square()).mean().item()
+    noise = sums["noise"] / num
+    return {"total": total, "noise": noise, "means": means, "noise_share": noise / total,
+            "sigma_levels": sums["sigma"] / num * model.levels / 2, "num_samples": num, "seed": seed}
 
 
 def save_samples(model: ImageModel, num: int, out: str | Path, seed: int = 0) -> Path:
