@@ -90,8 +90,33 @@ def case_config_incompatible(folder: Path):
     return one_line_error(cqf(*train_args(folder / "run", extra=extra)), "GAN")
 
 
-def case_config_bad_value(folder: Path):
-    return one_line_error(cqf(*train_args(folder / "run", extra=["train.lr=-1"])), "train.lr")
+def config_case(pattern: str, *overrides: str):
+    """`cqf train` with bad overrides: exit 2 and one line containing `pattern`."""
+    def case(folder: Path):
+        return one_line_error(cqf(*train_args(folder / "run", extra=list(overrides))), pattern)
+    return case
+
+
+def case_eval_missing_gpu(folder: Path):
+    if torch.cuda.is_available():
+        return None, "skipped: this machine has a GPU"
+    return one_line_error(cqf("eval", str(folder / "x.npz"), "--data", "digits", "--device", "cuda"),
+                          "no CUDA device")
+
+
+def case_npz_moved(folder: Path):
+    """An npz run resumes after its file moved: the data set is known by its content, not its path."""
+    first, moved = folder / "a" / "data.npz", folder / "b" / "data.npz"
+    first.parent.mkdir()
+    name = npz(first.parent)
+    run = folder / "run"
+    first_run = cqf(*train_args(run, "digits-vae", [f"data.name={name}", "data.val_size=5", "train.steps=10"]))
+    assert first_run.returncode == 0, first_run.stderr[-500:]
+    moved.parent.mkdir()
+    first.rename(moved)
+    result = cqf(*train_args(run, "digits-vae", [f"data.name=npz:{moved}", "data.val_size=5", "train.steps=20"]))
+    resumed = result.returncode == 0 and "resuming from" in result.stderr
+    return resumed, f"exit {result.returncode}, {'resumed' if resumed else 'NOT resumed'} at ckpt-0000010.pt"
 
 
 def _trained(folder: Path, extra: list[str] = ()) -> Path:
@@ -249,7 +274,15 @@ CASES = [
     ("data: labels and images differ in number", "exit 2", data_case("labels differ", y_train=np.zeros(7, np.int64))),
     ("config: unknown key", "exit 2, names the key", case_config_unknown_key),
     ("config: GAN with a flow", "exit 2, names the conflict", case_config_incompatible),
-    ("config: negative learning rate", "exit 2, names the key", case_config_bad_value),
+    ("config: negative learning rate", "exit 2, names the key", config_case("train.lr", "train.lr=-1")),
+    ("config: infinite learning rate", "exit 2, names the key", config_case("train.lr", "train.lr=inf")),
+    ("config: unknown device (`gpu`)", "exit 2, names the choices", config_case("cuda:N", "train.device=gpu")),
+    ("config: CUDA on a machine without one", "exit 2, no traceback",
+     config_case("no CUDA device", "train.device=cuda")),
+    ("eval: CUDA on a machine without one", "exit 2, no traceback", case_eval_missing_gpu),
+    ("config: 2 flow scales without a flow", "exit 2, names the fix",
+     config_case("needs a flow", "model.flow_couplings=0", "model.flow_scales=2")),
+    ("resume: the npz file moved", "resumes (the data set is its content)", case_npz_moved),
     ("resume: model shape differs", "exit 2, checkpoints untouched", case_resume_other_shape),
     ("resume: other seed", "exit 2, refused", case_resume_other_seed),
     ("training: non-finite loss", "exit 2, names step and term; last checkpoint loads", case_non_finite),
