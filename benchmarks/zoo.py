@@ -18,8 +18,8 @@ import time
 
 import torch
 
-CONFIGS = ["cifar10-cq-f", "cifar10-gan-res", "cifar10-cq-f-res", "cifar10-cq-f-res-iaf", "cifar10-cq-f-res-iaf-large-d",
-           "cifar10-cq-f-res-2scale", "cifar10-nvp"]
+CONFIGS = ["cifar10-cq-f", "cifar10-gan-res", "cifar10-cq-f-res", "cifar10-cq-f-res-iaf",
+           "cifar10-cq-f-res-iaf-large-d", "cifar10-cq-f-res-2scale", "cifar10-nvp"]
 
 
 def _synthetic(num: int):

@@ -21,7 +21,8 @@ def tiny_config(model: dict | None = None, **train) -> Config:
     settings = dict(steps=4, batch_size=16, log_every=1, eval_every=2, sample_every=2, ckpt_every=2,
                     eval_iw_samples=4, device="cpu")
     settings |= train
-    model_settings = dict(latent_dim=4, channels=8, flow_couplings=1, flow_hidden=8, disc_channels=8, disc_blocks=2)
+    model_settings = {"latent_dim": 4, "channels": 8, "flow_couplings": 1, "flow_hidden": 8, "disc_channels": 8,
+                      "disc_blocks": 2}
     return Config(
         data=DataConfig(name="digits", val_size=40),
         model=ModelConfig(**model_settings | (model or {})),

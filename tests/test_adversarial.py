@@ -240,9 +240,9 @@ def test_every_bundled_config_builds_and_runs_one_step(tmp_path, name):
     Their full widths are built in the next test."""
     torch.set_default_dtype(torch.float32)  # as in real use
     cfg = cqf_config.load_config(name)
-    narrow = dataclasses.replace(cfg.model, channels=min(cfg.model.channels, 8), flow_hidden=min(cfg.model.flow_hidden, 8),
-                                 iaf_hidden=min(cfg.model.iaf_hidden, 16), iaf_context=min(cfg.model.iaf_context, 4),
-                                 disc_channels=8)
+    narrow = dataclasses.replace(cfg.model, channels=min(cfg.model.channels, 8),
+                                 flow_hidden=min(cfg.model.flow_hidden, 8), iaf_hidden=min(cfg.model.iaf_hidden, 16),
+                                 iaf_context=min(cfg.model.iaf_context, 4), disc_channels=8)
     cfg = dataclasses.replace(cfg, model=narrow, train=dataclasses.replace(
         cfg.train, steps=1, batch_size=4, warmup_steps=0, eval_every=0, sample_every=0, eval_iw_samples=2,
         device="cpu"))

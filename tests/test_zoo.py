@@ -25,16 +25,16 @@ SHAPE = (1, 8, 8)
 LEVELS = 17
 
 OPTIONS = {  # ModelConfig entries on top of a tiny model
-    "resnet": dict(arch="resnet"),
-    "resnet_f_iaf": dict(arch="resnet", flow_couplings=1, iaf_steps=2, iaf_context=3, iaf_hidden=16),
-    "iaf": dict(iaf_steps=3, iaf_context=3, iaf_hidden=16),
-    "flow_blocks": dict(flow_couplings=1, flow_blocks=2),
-    "nvp": dict(latent_dim=0, flow_couplings=1),
+    "resnet": {"arch": "resnet"},
+    "resnet_f_iaf": {"arch": "resnet", "flow_couplings": 1, "iaf_steps": 2, "iaf_context": 3, "iaf_hidden": 16},
+    "iaf": {"iaf_steps": 3, "iaf_context": 3, "iaf_hidden": 16},
+    "flow_blocks": {"flow_couplings": 1, "flow_blocks": 2},
+    "nvp": {"latent_dim": 0, "flow_couplings": 1},
 }
 
 
 def model_config(**options) -> ModelConfig:
-    return ModelConfig(**dict(latent_dim=4, channels=8, flow_hidden=8) | options)
+    return ModelConfig(**{"latent_dim": 4, "channels": 8, "flow_hidden": 8} | options)
 
 
 def perturb(module: nn.Module, scale: float) -> None:

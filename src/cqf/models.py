@@ -23,6 +23,8 @@ from .distributed import randn_rows
 from .errors import ConfigError
 
 __all__ = [
+    "DECODERS",
+    "ENCODERS",
     "VAE",
     "DensityModel",
     "ElboTerms",
@@ -30,8 +32,6 @@ __all__ = [
     "Generator",
     "ImageModel",
     "IsotropicDecoder",
-    "DECODERS",
-    "ENCODERS",
     "build_encoder",
     "build_flow",
     "build_model",

@@ -9,6 +9,8 @@ decoder are in `cqf.resnets`.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -43,7 +45,7 @@ class ConvEncoder(nn.Module):
         c, h, w = image_shape
         widths = _widths(channels, num_downsamplings(h, w))
         layers = [nn.Conv2d(c, channels, 3, padding=1), nn.SiLU()]
-        for width_in, width_out in zip(widths, widths[1:]):
+        for width_in, width_out in pairwise(widths):
             layers += [nn.Conv2d(width_in, width_out, 4, stride=2, padding=1), nn.SiLU()]
             h, w = h // 2, w // 2
         self.features = nn.Sequential(*layers)
@@ -71,7 +73,7 @@ class ConvDecoder(nn.Module):
         self.start_shape = (widths[0], h // 2**stages, w // 2**stages)
         self.head = nn.Linear(latent_dim, self.start_shape[0] * self.start_shape[1] * self.start_shape[2])
         layers = [nn.SiLU()]
-        for width_in, width_out in zip(widths, widths[1:]):
+        for width_in, width_out in pairwise(widths):
             layers += [nn.ConvTranspose2d(width_in, width_out, 4, stride=2, padding=1), nn.SiLU()]
         layers.append(nn.Conv2d(channels, 2 * c, 3, padding=1))
         self.body = nn.Sequential(*layers)
