@@ -15,14 +15,17 @@ def float64_and_seed():
     torch.set_default_dtype(previous)
 
 
-def tiny_config(**train) -> Config:
-    """A model small enough to train a few steps in well under a second (digits, 8x8)."""
+def tiny_config(model: dict | None = None, **train) -> Config:
+    """A model small enough to train a few steps in well under a second (digits, 8x8); `model` replaces
+    ModelConfig entries (the model zoo's options), the keywords TrainConfig entries."""
     settings = dict(steps=4, batch_size=16, log_every=1, eval_every=2, sample_every=2, ckpt_every=2,
                     eval_iw_samples=4, device="cpu")
     settings |= train
+    model_settings = {"latent_dim": 4, "channels": 8, "flow_couplings": 1, "flow_hidden": 8, "disc_channels": 8,
+                      "disc_blocks": 2}
     return Config(
         data=DataConfig(name="digits", val_size=40),
-        model=ModelConfig(latent_dim=4, channels=8, flow_couplings=1, flow_hidden=8, disc_channels=8, disc_blocks=2),
+        model=ModelConfig(**model_settings | (model or {})),
         train=TrainConfig(**settings),
     )
 

@@ -248,23 +248,50 @@ def _fake_data(shape, levels) -> ImageData:
     return ImageData("fake", levels, x[:8], y[:8], x[8:10], y[8:10], x[10:], y[10:])
 
 
+BUNDLED_DATA = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256),
+                "stl10": ((3, 48, 48), 256), "celeba64": ((3, 64, 64), 256), "imagenet64": ((3, 64, 64), 256),
+                "lsun-bedroom64": ((3, 64, 64), 256)}  # (image shape, levels) of each bundled config's data
+
+
 @pytest.mark.parametrize("name", sorted(cqf_config.bundled_configs()))
 def test_every_bundled_config_builds_and_runs_one_step(tmp_path, name):
-    """Each bundled config trains through an adversarial step where it has one: with `quality_every` k the
-    first k - 1 steps are plain ELBO steps, so a hybrid runs k steps and its last record must carry L_Q."""
-    torch.set_default_dtype(torch.float32)  # as in real use; the CIFAR-size nets are slow in float64
+    """Each config's model, D and losses train through an adversarial step where it has one (with
+    `quality_every` k the first k - 1 steps are plain ELBO steps, so a hybrid runs k steps and its last record
+    must carry L_Q), and finish (grids, export, test bits/dim), on fake data of its image size, with the networks
+    narrowed to 8 channels: the structure (arch, IAF, flow scales and blocks, D depth, variant) is the config's,
+    and a step costs a second, not the ~minute of the widest configs on a CPU. Their full widths are built in the
+    next test."""
+    torch.set_default_dtype(torch.float32)  # as in real use
     cfg = cqf_config.load_config(name)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+    narrow = dataclasses.replace(cfg.model, channels=min(cfg.model.channels, 8),
+                                 flow_hidden=min(cfg.model.flow_hidden, 8), iaf_hidden=min(cfg.model.iaf_hidden, 16),
+                                 iaf_context=min(cfg.model.iaf_context, 4), disc_channels=8)
+    cfg = dataclasses.replace(cfg, model=narrow, train=dataclasses.replace(
         cfg.train, steps=cfg.train.quality_every, batch_size=4, warmup_steps=0, eval_every=0, sample_every=0,
         eval_iw_samples=2, device="cpu", quality_batch_size=min(cfg.train.quality_batch_size, 4)))
-    shape, levels = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10": ((3, 32, 32), 256)}[
-        cfg.data.name]
+    shape, levels = BUNDLED_DATA[cfg.data.name]
     model = train(cfg, tmp_path, data=_fake_data(shape, levels), progress=False)
     assert model.sample(2).shape == (2, *shape)
     assert (tmp_path / f"ckpt-{cfg.train.steps:07d}.pt").exists()
     last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
             if "loss_coverage" in line or "loss_quality" in line][-1]
     assert ("loss_quality" in last) == cfg.has_discriminator
+
+
+@pytest.mark.parametrize("name", sorted(cqf_config.bundled_configs()))
+def test_every_bundled_config_builds_at_full_size(name):
+    """The config's own widths at its image size: ELBO (or samples, for a GAN) and D logits of two images."""
+    torch.set_default_dtype(torch.float32)
+    cfg = cqf_config.load_config(name)
+    shape, levels = BUNDLED_DATA[cfg.data.name]
+    model, disc = build_model(cfg.model, shape, levels, gan=cfg.is_gan), build_discriminator(cfg, shape)
+    x = torch.rand(2, *shape) * 2 - 1
+    with torch.no_grad():
+        assert model.sample(2).shape == (2, *shape)
+        if not cfg.is_gan:
+            assert torch.isfinite(model.elbo(x).elbo).all()
+        if disc is not None:
+            assert disc(x).shape == (2,)
 
 
 def test_gan_bound_finds_the_closed_form_sigma_and_leaves_the_generator_alone(digits):

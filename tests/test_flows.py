@@ -19,6 +19,10 @@ FACTORIES = {
     "real_nvp": lambda: flows.real_nvp(C, H, W, num_couplings=2, hidden=8),
     "real_nvp_2_scales": lambda: flows.real_nvp(C, H, W, num_couplings=2, hidden=8, scales=2),
     "real_nvp_no_actnorm": lambda: flows.real_nvp(C, H, W, num_couplings=3, hidden=8, actnorm=False),
+    "coupling_residual": lambda: flows.AffineCoupling(flows.checkerboard(C, H, W, parity=0), hidden=8, blocks=2),
+    # one coupling per mask type: with 0.3 perturbations the 6 couplings of num_couplings=2 grow |y| to ~1e3,
+    # and the float64 round trip loses ~1e-7 (conditioning, not a wrong inverse)
+    "real_nvp_residual_2_scales": lambda: flows.real_nvp(C, H, W, num_couplings=1, hidden=8, scales=2, blocks=1),
 }
 
 
@@ -60,8 +64,9 @@ def test_not_identity_after_perturbation(flow):
     assert not torch.allclose(flow(x)[0], x)
 
 
-def test_couplings_start_as_identity():
-    flow = flows.real_nvp(C, H, W, num_couplings=2, hidden=8, actnorm=False)
+@pytest.mark.parametrize("blocks", [0, 2], ids=["plain", "residual"])
+def test_couplings_start_as_identity(blocks):
+    flow = flows.real_nvp(C, H, W, num_couplings=2, hidden=8, actnorm=False, blocks=blocks)
     x = torch.randn(3, C, H, W)
     y, logdet = flow(x)
     torch.testing.assert_close(y, x)
@@ -87,6 +92,19 @@ def test_coupling_log_scale_is_bounded():
             p.add_(10 * torch.randn_like(p))  # huge raw scales
     _, logdet = coupling(100 * torch.randn(2, 1, 4, 4))
     assert (logdet.abs() <= 1.5 * 8 + 1e-9).all()  # 8 free entries, |s| <= 1.5 each
+
+
+def test_residual_conditioner_has_the_blocks_asked_for():
+    from cqf.resnets import ResBlock
+
+    def num_blocks(coupling):
+        return sum(isinstance(m, ResBlock) for m in coupling.net.modules())
+
+    assert num_blocks(flows.AffineCoupling(flows.checkerboard(C, H, W, parity=0), hidden=8, blocks=3)) == 3
+    assert num_blocks(flows.AffineCoupling(flows.checkerboard(C, H, W, parity=0), hidden=8)) == 0
+    flow = flows.real_nvp(C, H, W, num_couplings=2, hidden=8, scales=2, blocks=2)
+    couplings = [m for m in flow.modules() if isinstance(m, flows.AffineCoupling)]
+    assert len(couplings) == 6 and all(num_blocks(c) == 2 for c in couplings)
 
 
 def test_checkerboard_and_channel_masks_partition():

@@ -36,17 +36,34 @@ def test_run_directory_has_everything(tmp_path, digits):
     assert {"model", "opt_g", "step", "config", "format", "version", "levels", "image_shape"} <= set(payload)
 
 
-def test_resume_is_bitwise_identical_with_discriminator_and_ema(tmp_path, digits):
-    """CQ-F with D, both optimizers, EMA and a warm-up that ends after the resume point."""
-    settings = dict(quality_weight=1.0, warmup_steps=2, ema_halflife_kimg=0.1, eval_every=0, sample_every=0)
-    train(tiny_config(steps=6, ckpt_every=100, **settings), tmp_path / "a", data=digits, progress=False)
-    train(tiny_config(steps=3, ckpt_every=3, **settings), tmp_path / "b", data=digits, progress=False)  # stop...
-    train(tiny_config(steps=6, ckpt_every=3, **settings), tmp_path / "b", data=digits, progress=False)  # ...resume
+ZOO = {  # the model options (cqf.resnets, cqf.iaf, cqf.nvp): (ModelConfig entries, TrainConfig entries)
+    "cq-f": ({}, {}),
+    "resnet": ({"arch": "resnet"}, {}),
+    "iaf": ({"iaf_steps": 2, "iaf_context": 3, "iaf_hidden": 8}, {}),
+    "flow-blocks": ({"flow_blocks": 1, "flow_scales": 2}, {}),
+    "large-d": ({"disc_size": "large", "disc_channels": 0, "disc_blocks": 0}, {}),
+    "gan-resnet": ({"arch": "resnet", "flow_couplings": 0}, {"coverage_weight": 0.0}),
+    "nvp": ({"latent_dim": 0}, {"quality_weight": 0.0}),
+}
+
+
+@pytest.mark.parametrize("option", list(ZOO))
+def test_resume_is_bitwise_identical_with_discriminator_and_ema(tmp_path, digits, option):
+    """CQ-F with D, both optimizers, EMA and a warm-up that ends after the resume point; and each model option
+    (the NVP baseline without D)."""
+    model, extra = ZOO[option]
+    settings = dict(quality_weight=1.0, warmup_steps=2, ema_halflife_kimg=0.1, eval_every=0, sample_every=0) | extra
+    train(tiny_config(model, steps=6, ckpt_every=100, **settings), tmp_path / "a", data=digits, progress=False)
+    train(tiny_config(model, steps=3, ckpt_every=3, **settings), tmp_path / "b", data=digits, progress=False)  # stop
+    train(tiny_config(model, steps=6, ckpt_every=3, **settings), tmp_path / "b", data=digits, progress=False)  # resume
     straight = torch.load(tmp_path / "a" / "ckpt-0000006.pt", weights_only=True)
     resumed = torch.load(tmp_path / "b" / "ckpt-0000006.pt", weights_only=True)
     del straight["config"], resumed["config"]  # they differ in ckpt_every only
-    assert all(straight[k] is not None for k in ("model", "ema", "disc", "opt_g", "opt_d"))
+    states = ("model", "ema", "opt_g") + (("disc", "opt_d") if settings["quality_weight"] > 0 else ())
+    assert all(straight[k] is not None for k in states)
     assert checkpoint.first_difference(straight, resumed) is None
+    start = torch.load(tmp_path / "b" / "ckpt-0000003.pt", weights_only=True)
+    assert checkpoint.first_difference(start["model"], straight["model"]) is not None  # it trained between the two
 
 
 def test_ema_tracks_the_model_and_is_what_samples_and_evaluation_use(tmp_path, digits):

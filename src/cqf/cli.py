@@ -92,8 +92,10 @@ def _train(args) -> None:
     from .config import bundled_configs, load_config, to_dict
 
     if args.list:
-        for name, description in bundled_configs().items():
-            print(f"{name:24s} {description}")
+        configs = bundled_configs()
+        width = max(map(len, configs))
+        for name, description in configs.items():
+            print(f"{name:{width}s} {description}")
         return
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:

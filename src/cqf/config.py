@@ -37,6 +37,8 @@ CLOCKS = ("wall", "process")  # what train.minutes counts (cqf.train.Periodic)
 PRECISIONS = ("fp32", "bf16")  # training arithmetic (cqf.step.autocast)
 BALANCES = ("fixed", "per_dim", "adaptive")  # how L_C and L_Q are weighted (cqf.step.generator_step)
 AUGMENTATIONS = ("color", "translation", "cutout")  # cqf.augment
+ARCHS = ("conv", "resnet")  # encoder/decoder/generator networks (cqf.nets, cqf.resnets)
+DISC_SIZES = ("base", "large")  # cqf.nets.default_disc_size
 
 
 def _require(checks: list[tuple[bool, str]]) -> None:
@@ -90,26 +92,43 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    latent_dim: int = 32
-    channels: int = 64  # width of the first encoder conv; doubles at each downsampling
+    latent_dim: int = 32  # 0 = no latent variable: the NVP baseline, the flow alone over N(0, I) (cqf.nvp)
+    channels: int = 64  # conv: width of the first encoder conv, doubling per downsampling; resnet: every block's
+    arch: str = "conv"  # conv | resnet (SNGAN-style residual encoder and decoder, also the GAN's generator)
+    iaf_steps: int = 0  # IAF steps after the Gaussian encoder (Kingma et al. 2016); 0 = Gaussian q, analytic KL
+    iaf_context: int = 32  # size of the encoder's context h that conditions every IAF step
+    iaf_hidden: int = 256  # width of each IAF step's MADE (two hidden layers)
     flow_couplings: int = 0  # couplings per mask type and scale; 0 = no flow (VAE, CQ)
     flow_scales: int = 1  # 1 = checkerboard + squeezed channel couplings; 2 = Real-NVP multi-scale
     flow_hidden: int = 64  # hidden channels of each coupling network
     flow_max_log_scale: float = 2.0  # couplings' log-scale bound c in c * tanh(s / c)
     flow_actnorm: bool = True
+    flow_blocks: int = 0  # residual blocks of each coupling's conditioner (Real NVP's); 0 = the plain 3-layer net
     sigma_floor: float = 1.0  # decoder sigma >= sigma_floor / levels in model space (DESIGN section 6)
     disc_channels: int = 0  # discriminator width; 0 = chosen from the image size
     disc_blocks: int = 0  # discriminator residual blocks; 0 = chosen from the image size
+    disc_size: str = "base"  # base (SNGAN's, 128 x 4 at 32x32) | large (256 x 6 at 32x32), when the above are 0
 
     def __post_init__(self):
         _require([
-            (self.latent_dim >= 1, f"model.latent_dim must be >= 1, got {self.latent_dim}"),
+            (self.latent_dim >= 0, f"model.latent_dim must be >= 1, or 0 for the NVP baseline, got {self.latent_dim}"),
             (self.channels >= 1, f"model.channels must be >= 1, got {self.channels}"),
             (self.flow_couplings >= 0, f"model.flow_couplings must be >= 0 (0 = no flow), got {self.flow_couplings}"),
             *_finite(self, "model."),
             (self.flow_scales in (1, 2), f"model.flow_scales must be 1 or 2, got {self.flow_scales}"),
             (self.flow_scales == 1 or self.flow_couplings > 0,
              f"model.flow_scales={self.flow_scales} needs a flow: set model.flow_couplings > 0, or flow_scales=1"),
+            (self.flow_blocks >= 0, f"model.flow_blocks must be >= 0 (0 = plain conditioner), got {self.flow_blocks}"),
+            (self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"),
+            (self.iaf_steps >= 0, f"model.iaf_steps must be >= 0 (0 = Gaussian posterior), got {self.iaf_steps}"),
+            (self.iaf_context >= 0, f"model.iaf_context must be >= 0, got {self.iaf_context}"),
+            (self.iaf_hidden >= 1, f"model.iaf_hidden must be >= 1, got {self.iaf_hidden}"),
+            (self.disc_size in DISC_SIZES,
+             f"model.disc_size must be one of {', '.join(DISC_SIZES)}, got {self.disc_size!r}"),
+            (self.latent_dim > 0 or self.flow_couplings > 0,
+             "model.latent_dim=0 is the NVP baseline, the flow alone: set model.flow_couplings > 0"),
+            (self.latent_dim > 0 or self.iaf_steps == 0,
+             "model.latent_dim=0 (the NVP baseline) has no posterior: set model.iaf_steps=0"),
             (self.flow_hidden >= 1, f"model.flow_hidden must be >= 1, got {self.flow_hidden}"),
             (self.flow_max_log_scale > 0, f"model.flow_max_log_scale must be > 0, got {self.flow_max_log_scale}"),
             (self.sigma_floor > 0, f"model.sigma_floor must be > 0, got {self.sigma_floor}"),
@@ -233,6 +252,9 @@ class Config:
         _require([(0 <= self.seed < 2**32, f"seed must be an integer in [0, 2**32), got {self.seed}")])
         if self.is_gan and self.model.flow_couplings > 0:
             raise ConfigError("a GAN (train.coverage_weight=0) has no flow: set model.flow_couplings=0")
+        if self.model.latent_dim == 0 and (self.is_gan or self.has_discriminator):
+            raise ConfigError("the NVP baseline (model.latent_dim=0) is trained by likelihood only: set "
+                              "train.quality_weight=0 and train.coverage_weight > 0")
         if self.is_gan and self.train.quality_batch != self.train.batch_size:
             raise ConfigError("a GAN's batch is train.batch_size (it has no L_C batch to keep apart): set "
                               "train.batch_size instead of train.quality_batch_size")
@@ -252,6 +274,8 @@ class Config:
         """The paper's name for this combination of switches (DESIGN section 2)."""
         if self.is_gan:
             return "GAN"
+        if self.model.latent_dim == 0:
+            return "NVP"
         name = "CQ" if self.has_discriminator else "VAE"
         return name + ("-F" if self.model.flow_couplings > 0 else "")
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nets import coupling_net
+from .resnets import residual_coupling_net
 
 __all__ = [
     "ActNorm",
@@ -49,14 +50,16 @@ class AffineCoupling(nn.Module):
     """Masked affine coupling: y = m x + (1 - m) (x exp(s(m x)) + t(m x)), m the binary mask.
 
     The log-scale is bounded, s = c tanh(raw / c), so neither exp(s) nor exp(-s) can overflow; the
-    conditioner's last layer is zero-initialised, so the coupling starts as the identity.
+    conditioner's last layer is zero-initialised, so the coupling starts as the identity. The conditioner is
+    the plain `nets.coupling_net` (`blocks=0`) or Real NVP's residual net of `blocks` blocks.
     """
 
-    def __init__(self, mask: Tensor, hidden: int, max_log_scale: float = 2.0):
+    def __init__(self, mask: Tensor, hidden: int, max_log_scale: float = 2.0, blocks: int = 0):
         super().__init__()
         self.register_buffer("mask", mask)  # (C, H, W); 1 = conditioning entries
         channels = mask.shape[0]
-        self.net = coupling_net(channels, 2 * channels, hidden)
+        self.net = (residual_coupling_net(channels, 2 * channels, hidden, blocks) if blocks > 0
+                    else coupling_net(channels, 2 * channels, hidden))
         self.max_log_scale = max_log_scale
 
     def _scale_shift(self, x_masked: Tensor) -> tuple[Tensor, Tensor]:
@@ -184,12 +187,13 @@ class FactorOut(nn.Module):
         return torch.cat([self.inner.inverse(transformed), factored], dim=1)
 
 
-def _couplings(masks: list[Tensor], hidden: int, max_log_scale: float, actnorm: bool) -> list[nn.Module]:
+def _couplings(masks: list[Tensor], hidden: int, max_log_scale: float, actnorm: bool,
+               blocks: int = 0) -> list[nn.Module]:
     layers = []
     for mask in masks:
         if actnorm:
             layers.append(ActNorm(mask.shape[0]))
-        layers.append(AffineCoupling(mask, hidden, max_log_scale))
+        layers.append(AffineCoupling(mask, hidden, max_log_scale, blocks))
     return layers
 
 
@@ -202,6 +206,7 @@ def real_nvp(
     scales: int = 1,
     max_log_scale: float = 2.0,
     actnorm: bool = True,
+    blocks: int = 0,
 ) -> Sequential:
     """The CQF feature flow: (C, H, W) -> (C, H, W).
 
@@ -209,6 +214,7 @@ def real_nvp(
     channel-mask couplings, and an unsqueeze (Real NVP's recipe, re-assembled to keep the image shape).
     With `scales=2`, half of the squeezed channels go on through a second scale of checkerboard couplings
     at half resolution (the other half is factored out), as in Real NVP's multi-scale architecture.
+    `blocks > 0` gives every coupling Real NVP's residual conditioner of that many blocks (`AffineCoupling`).
     """
 
     if height % 2 or width % 2:
@@ -217,12 +223,12 @@ def real_nvp(
     def checkerboards(c, h, w):
         return [checkerboard(c, h, w, parity=i % 2) for i in range(num_couplings)]
 
-    layers = _couplings(checkerboards(channels, height, width), hidden, max_log_scale, actnorm)
+    layers = _couplings(checkerboards(channels, height, width), hidden, max_log_scale, actnorm, blocks)
     c, h, w = 4 * channels, height // 2, width // 2
     channel_masks = [channel_mask(c, h, w, parity=i % 2) for i in range(num_couplings)]
-    layers += [Squeeze(), *_couplings(channel_masks, hidden, max_log_scale, actnorm)]
+    layers += [Squeeze(), *_couplings(channel_masks, hidden, max_log_scale, actnorm, blocks)]
     if scales == 2:
-        second = _couplings(checkerboards(c // 2, h, w), hidden, max_log_scale, actnorm)
+        second = _couplings(checkerboards(c // 2, h, w), hidden, max_log_scale, actnorm, blocks)
         layers.append(FactorOut(Sequential(*second)))
     layers.append(Unsqueeze())
     return Sequential(*layers)

@@ -144,6 +144,8 @@ def checkpoint_bits_per_dim(loaded: LoadedModel, data: ImageData, cfg: EvalConfi
             "bpd_elbo: one-sample ELBO (upper bound on bits/dim); bpd_iwae: importance-weighted "
             f"bound with K={cfg.iw_samples} latent samples per image"
         )
+        if loaded.config.variant == "NVP":  # no latent variable: the likelihood itself
+            estimators = "exact: ln N(f(x); 0, I) + ln|det df/dx| (no latent: bpd_elbo = bpd_iwae)"
     elif cfg.gan_bpd_steps > 0:
         result = gan_bits_per_dim(model, loaded.config.model, data.x_train, x_int, cfg.gan_bpd_steps,
                                   num_importance=cfg.iw_samples, device=cfg.device, progress=cfg.progress)

@@ -2,8 +2,9 @@
 
     p(x | z) = N(f(x); mu(z), diag sigma(z)^2) |det df/dx|,   p(z) = N(0, I),   q(z | x) = N(m(x), diag s(x)^2)
 
-with f a Real-NVP flow (VAE-F, CQ-F) or the identity (VAE, CQ). Models expose `elbo`, `log_prob` and
-`sample`; they hold no optimizers and no loss weights.
+with f a Real-NVP flow (VAE-F, CQ-F) or the identity (VAE, CQ), and q optionally followed by IAF steps
+(`cqf.iaf`). The NVP baseline, the flow alone (`model.latent_dim: 0`), is `cqf.nvp.NVP`. Models expose `elbo`,
+`log_prob` and `sample`; they hold no optimizers and no loss weights.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import flows, losses, nets
+from . import flows, iaf, losses, nets, resnets
 from .config import ModelConfig
 from .distributed import randn_rows
 from .errors import ConfigError
 
 __all__ = [
+    "DECODERS",
+    "ENCODERS",
     "VAE",
     "DensityModel",
     "ElboTerms",
@@ -30,6 +33,7 @@ __all__ = [
     "ImageModel",
     "IsotropicDecoder",
     "build_encoder",
+    "build_flow",
     "build_model",
     "gan_density_model",
     "model_space_sigma_floor",
@@ -116,7 +120,8 @@ class VAE(nn.Module):
     (identity or Real NVP) and in the training loss weights, never in code.
 
     Args:
-        encoder: x -> (mean, log_scale) of q(z|x).
+        encoder: the posterior: a Gaussian encoder x -> (mean, log_scale) of q(z|x) (analytic KL), or an
+            `iaf.IAFPosterior` returning z and ln q(z|x) (one-sample KL estimate ln q(z|x) - ln p(z)).
         decoder: z -> (mean, raw_scale) in feature space.
         likelihood: `FlowGaussian`.
         latent_dim: size of z.
@@ -155,9 +160,7 @@ class VAE(nn.Module):
         run through the other loss's half of the batch."""
         if not batched:
             return self.elbo(x), self.sample(num_samples, noise=noise)
-        q_mean, q_log_scale = self.encoder(x)
-        z = q_mean + q_log_scale.exp() * randn_rows(len(q_mean), q_mean.shape[1], dtype=q_mean.dtype,
-                                                     device=q_mean.device)
+        z, kl = self._posterior_sample(x)
         if num_samples:
             z = torch.cat([z, randn_rows(num_samples, self.latent_dim, dtype=z.dtype, device=z.device)])
         mean, raw_scale = self.decoder(z)
@@ -166,9 +169,19 @@ class VAE(nn.Module):
         with torch.no_grad():
             sigma = self.likelihood.log_scale(raw_scale[:batch]).exp()
             at_floor = (sigma < 1.01 * self.likelihood.sigma_floor).float().mean()
-        terms = ElboTerms(log_px_z, losses.kl_to_standard_normal(q_mean, q_log_scale), at_floor, sigma.mean())
+        terms = ElboTerms(log_px_z, kl, at_floor, sigma.mean())
         samples = self.likelihood.sample(mean[batch:], raw_scale[batch:], noise=noise) if num_samples else None
         return terms, samples
+
+    def _posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One z ~ q(z|x) per image (B, latent) and the KL term (B,) in nats: analytic for a Gaussian q, the
+        one-sample estimate ln q(z|x) - ln p(z) for an IAF posterior."""
+        eps = randn_rows(len(x), self.latent_dim, dtype=x.dtype, device=x.device)
+        if isinstance(self.encoder, iaf.IAFPosterior):
+            z, log_q = self.encoder(x, eps)
+            return z, log_q - losses.standard_normal_log_prob(z)
+        q_mean, q_log_scale = self.encoder(x)
+        return q_mean + q_log_scale.exp() * eps, losses.kl_to_standard_normal(q_mean, q_log_scale)
 
     @torch.no_grad()
     def log_prob(self, x: Tensor, num_importance: int = 100, chunk: int = 25) -> Tensor:
@@ -176,19 +189,21 @@ class VAE(nn.Module):
 
         It is a lower bound that tightens as K grows, and at K = 1 has the ELBO's expectation.
         """
-        q_mean, q_log_scale = self.encoder(x)
+        if isinstance(self.encoder, iaf.IAFPosterior):  # the same q as the ELBO's: through the IAF steps
+            encoded, draw = self.encoder.encode(x), self.encoder.transform
+        else:
+            encoded, draw = self.encoder(x), iaf.gaussian_sample
         features = self.likelihood.features(x)  # the flow runs once, not once per z
         batch = x.shape[0]
         log_w = []
         for start in range(0, num_importance, chunk):
             k = min(chunk, num_importance - start)
-            eps = torch.randn(k, *q_mean.shape, dtype=q_mean.dtype, device=q_mean.device)
-            z = (q_mean + q_log_scale.exp() * eps).flatten(0, 1)  # (k B, latent)
+            eps = torch.randn(k, batch, self.latent_dim, dtype=x.dtype, device=x.device)
+            z, log_qz = draw(eps, *encoded)  # (k, B, latent), (k, B): ln q(z|x) tracked exactly
+            z = z.flatten(0, 1)  # (k B, latent)
             repeated = tuple(t.repeat(k, *([1] * (t.dim() - 1))) for t in features)
             log_px_z = self.likelihood.log_prob(repeated, *self.decoder(z)).view(k, batch)
             log_pz = losses.standard_normal_log_prob(z).view(k, batch)
-            # ln q(z|x) = ln N(eps; 0, I) - sum(ln s(x)) for z = m + s * eps
-            log_qz = losses.standard_normal_log_prob(eps.flatten(0, 1)).view(k, batch) - q_log_scale.sum(1)
             log_w.append(log_px_z + log_pz - log_qz)
         return torch.logsumexp(torch.cat(log_w), 0) - math.log(num_importance)
 
@@ -200,8 +215,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
-        """f^-1(mu(E[z|x])): the decoder mean at the posterior mean, for reconstruction grids."""
-        return self.likelihood.sample(*self.decoder(self.encoder(x)[0]), noise=False)
+        """f^-1(mu(z)) at the posterior mean z (with IAF: the image of eps = 0), for reconstruction grids."""
+        z = self.encoder.mode(x) if isinstance(self.encoder, iaf.IAFPosterior) else self.encoder(x)[0]
+        return self.likelihood.sample(*self.decoder(z), noise=False)
 
     def bits_per_dim(self, log_p: Tensor) -> Tensor:
         """(B,) nats of model-space images -> bits/dim of the integer images (`losses.bits_per_dim`)."""
@@ -234,9 +250,38 @@ class IsotropicDecoder(nn.Module):
         return mean, self.raw_scale.expand_as(mean)
 
 
+ENCODERS = {"conv": nets.ConvEncoder, "resnet": resnets.ResEncoder}  # `model.arch`
+DECODERS = {"conv": nets.ConvDecoder, "resnet": resnets.ResDecoder}
+
+
 def build_encoder(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> nn.Module:
-    """q(z|x) of the density models; also the encoder fitted for a GAN's approximate bits/dim (same capacity)."""
-    return nets.ConvEncoder(image_shape, cfg.latent_dim, cfg.channels)
+    """q(z|x) of the density models: the Gaussian encoder of `model.arch`, followed by `model.iaf_steps` IAF
+    steps when > 0; also the encoder fitted for a GAN's approximate bits/dim (same capacity)."""
+    if cfg.iaf_steps == 0:
+        return ENCODERS[cfg.arch](image_shape, cfg.latent_dim, cfg.channels)
+    encoder = ENCODERS[cfg.arch](image_shape, cfg.latent_dim, cfg.channels, context_dim=cfg.iaf_context)
+    return iaf.IAFPosterior(encoder, cfg.latent_dim, cfg.iaf_context, cfg.iaf_hidden, cfg.iaf_steps)
+
+
+def build_flow(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The feature flow f: Real NVP of `model.flow_*`, or the identity when `model.flow_couplings` is 0."""
+    if cfg.flow_couplings == 0:
+        return flows.Identity()
+    _, height, width = image_shape
+    if height % 2 or width % 2:
+        raise ConfigError(
+            f"the flow needs even image height and width for its squeeze, got {height}x{width}: "
+            "set model.flow_couplings=0 or crop the images to an even size"
+        )
+    return flows.real_nvp(
+        *image_shape,
+        num_couplings=cfg.flow_couplings,
+        hidden=cfg.flow_hidden,
+        scales=cfg.flow_scales,
+        max_log_scale=cfg.flow_max_log_scale,
+        actnorm=cfg.flow_actnorm,
+        blocks=cfg.flow_blocks,
+    )
 
 
 def gan_density_model(generator: Generator, cfg: ModelConfig) -> VAE:
@@ -254,25 +299,12 @@ def gan_density_model(generator: Generator, cfg: ModelConfig) -> VAE:
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], levels: int, gan: bool = False) -> nn.Module:
     """The only place that knows which parts make which variant (`gan` is `Config.is_gan`)."""
-    decoder = nets.ConvDecoder(image_shape, cfg.latent_dim, cfg.channels)
+    if cfg.latent_dim == 0:  # no latent variable: the flow alone
+        from .nvp import NVP  # here, not at the top: cqf.nvp imports ElboTerms from this module
+
+        return NVP(build_flow(cfg, image_shape), image_shape, levels)
+    decoder = DECODERS[cfg.arch](image_shape, cfg.latent_dim, cfg.channels)
     if gan:
         return Generator(decoder, cfg.latent_dim, image_shape, levels)
-    if cfg.flow_couplings > 0:
-        _, height, width = image_shape
-        if height % 2 or width % 2:
-            raise ConfigError(
-                f"the flow needs even image height and width for its squeeze, got {height}x{width}: "
-                "set model.flow_couplings=0 or crop the images to an even size"
-            )
-        flow = flows.real_nvp(
-            *image_shape,
-            num_couplings=cfg.flow_couplings,
-            hidden=cfg.flow_hidden,
-            scales=cfg.flow_scales,
-            max_log_scale=cfg.flow_max_log_scale,
-            actnorm=cfg.flow_actnorm,
-        )
-    else:
-        flow = flows.Identity()
-    likelihood = FlowGaussian(flow, model_space_sigma_floor(cfg.sigma_floor, levels))
+    likelihood = FlowGaussian(build_flow(cfg, image_shape), model_space_sigma_floor(cfg.sigma_floor, levels))
     return VAE(build_encoder(cfg, image_shape), decoder, likelihood, cfg.latent_dim, image_shape, levels)

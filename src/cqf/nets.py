@@ -1,15 +1,29 @@
 """Plain networks, no probability: encoder, decoder, coupling conditioners, discriminator.
 
 Sizes follow the image: the encoder halves the resolution while it stays even and above 4 pixels
-(32 -> 16 -> 8 -> 4, 28 -> 14 -> 7, 8 -> 4) and the decoder mirrors it (DCGAN-like).
+(32 -> 16 -> 8 -> 4, 28 -> 14 -> 7, 8 -> 4, 48 -> ... -> 3, 64 -> ... -> 4) and the decoder mirrors it
+(DCGAN-like); the width doubles at each stage up to `MAX_WIDTH` times `channels` (reached at 32x32's third
+stage, so that 48 and 64 pixels add a stage, not a 1024-channel layer). The residual twins of the encoder and
+decoder are in `cqf.resnets`.
 """
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ConvDecoder", "ConvEncoder", "Discriminator", "coupling_net", "default_disc_size", "num_downsamplings"]
+__all__ = ["DISC_SIZES", "ConvDecoder", "ConvEncoder", "Discriminator", "coupling_net", "default_disc_size",
+           "num_downsamplings"]
+
+
+MAX_WIDTH = 8  # the conv nets' widest layer, in units of `channels`
+
+
+def _widths(channels: int, stages: int) -> list[int]:
+    """Channels after the first conv and after each downsampling stage."""
+    return [channels * min(2**i, MAX_WIDTH) for i in range(stages + 1)]
 
 
 def num_downsamplings(height: int, width: int) -> int:
@@ -21,20 +35,30 @@ def num_downsamplings(height: int, width: int) -> int:
 
 
 class ConvEncoder(nn.Module):
-    """x (B, C, H, W) -> (mean, log_scale) of q(z | x), each (B, latent_dim)."""
+    """x (B, C, H, W) -> (mean, log_scale) of q(z | x), each (B, latent_dim).
 
-    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, channels: int):
+    With `context_dim > 0` the head also gives the context h of an IAF posterior (`encode`).
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, channels: int, context_dim: int = 0):
         super().__init__()
         c, h, w = image_shape
-        layers, width = [nn.Conv2d(c, channels, 3, padding=1), nn.SiLU()], channels
-        for _ in range(num_downsamplings(h, w)):
-            layers += [nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.SiLU()]
-            width, h, w = 2 * width, h // 2, w // 2
+        widths = _widths(channels, num_downsamplings(h, w))
+        layers = [nn.Conv2d(c, channels, 3, padding=1), nn.SiLU()]
+        for width_in, width_out in pairwise(widths):
+            layers += [nn.Conv2d(width_in, width_out, 4, stride=2, padding=1), nn.SiLU()]
+            h, w = h // 2, w // 2
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(width * h * w, 2 * latent_dim)
+        self.head = nn.Linear(widths[-1] * h * w, 2 * latent_dim + context_dim)
+        self.latent_dim = latent_dim
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean, log_scale, context h), (B, latent_dim) twice and (B, context_dim), in x's dtype (the KL's)."""
+        out = self.head(self.features(x).flatten(1)).to(x.dtype)
+        return out[:, : self.latent_dim], out[:, self.latent_dim : 2 * self.latent_dim], out[:, 2 * self.latent_dim :]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_scale = self.head(self.features(x).flatten(1)).to(x.dtype).chunk(2, dim=1)  # KL in x's dtype
+        mean, log_scale, _ = self.encode(x)
         return mean, log_scale
 
 
@@ -45,13 +69,13 @@ class ConvDecoder(nn.Module):
         super().__init__()
         c, h, w = image_shape
         stages = num_downsamplings(h, w)
-        self.start_shape = (channels * 2**stages, h // 2**stages, w // 2**stages)
+        widths = _widths(channels, stages)[::-1]
+        self.start_shape = (widths[0], h // 2**stages, w // 2**stages)
         self.head = nn.Linear(latent_dim, self.start_shape[0] * self.start_shape[1] * self.start_shape[2])
-        layers, width = [nn.SiLU()], self.start_shape[0]
-        for _ in range(stages):
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), nn.SiLU()]
-            width //= 2
-        layers.append(nn.Conv2d(width, 2 * c, 3, padding=1))
+        layers = [nn.SiLU()]
+        for width_in, width_out in pairwise(widths):
+            layers += [nn.ConvTranspose2d(width_in, width_out, 4, stride=2, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(channels, 2 * c, 3, padding=1))
         self.body = nn.Sequential(*layers)
 
     @property
@@ -107,7 +131,8 @@ class Discriminator(nn.Module):
     """SNGAN-style ResNet discriminator: x (B, C, H, W) -> logits (B,).
 
     CIFAR-10 at 32x32 (SNGAN): 4 blocks of 128 channels, the first two downsampling, ReLU, global sum
-    pooling and one spectral-normalised linear logit.
+    pooling and one spectral-normalised linear logit. Larger images downsample on further blocks while above
+    8 pixels (48 -> 24 -> 12 -> 6, 64 -> 32 -> 16 -> 8), so that the last blocks see SNGAN's 8x8 or less.
     """
 
     def __init__(self, image_shape: tuple[int, int, int], channels: int, num_blocks: int):
@@ -115,7 +140,7 @@ class Discriminator(nn.Module):
         c, h, w = image_shape
         blocks, width = [], c
         for i in range(num_blocks):
-            downsample = h % 2 == 0 and w % 2 == 0 and h > 4 and i < 2
+            downsample = h % 2 == 0 and w % 2 == 0 and h > 4 and (i < 2 or h > 8)
             blocks.append(_DiscBlock(width, channels, downsample, first=i == 0))
             width = channels
             if downsample:
@@ -128,15 +153,20 @@ class Discriminator(nn.Module):
         return self.logit(h).squeeze(1).to(x.dtype)
 
 
-def default_disc_size(image_shape: tuple[int, int, int]) -> tuple[int, int]:
-    """(channels, blocks) of the discriminator by resolution: SNGAN's 128 x 4 at 32x32, smaller below."""
-    height = image_shape[1]
-    if height >= 32:
-        return 128, 4
-    if height >= 16:
-        return 64, 3
-    return 32, 2
+DISC_SIZES = ("base", "large")
 
+
+def default_disc_size(image_shape: tuple[int, int, int], size: str = "base") -> tuple[int, int]:
+    """(channels, blocks) of the discriminator by resolution and `model.disc_size`.
+
+    base: SNGAN's 128 x 4 at 32x32 and above, 64 x 3 from 16x16, 32 x 2 below. large: twice as wide and two
+    blocks deeper (256 x 6 at 32x32), our choice for the paper's "large D" (DESIGN section 3).
+    """
+    if size not in DISC_SIZES:
+        raise ValueError(f"size must be one of {', '.join(DISC_SIZES)}, got {size!r}")
+    height = image_shape[1]
+    channels, blocks = (128, 4) if height >= 32 else (64, 3) if height >= 16 else (32, 2)
+    return (2 * channels, blocks + 2) if size == "large" else (channels, blocks)
 
 
 class Classifier(nn.Module):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, distributed, flows, nets
+from . import checkpoint, distributed, flows, nets, resnets
 from .config import Config, check_device, from_dict, to_dict
 from .data import ImageData, batch_indices, dequantize
 from .errors import CheckpointError, ConfigError, TrainingError
@@ -46,10 +46,11 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
 
 
 def build_discriminator(cfg: Config, image_shape: tuple[int, int, int]) -> nn.Module | None:
-    """The SNGAN-style D of a run with an adversarial term (`quality_weight > 0`), else None."""
+    """The SNGAN-style D of a run with an adversarial term (`quality_weight > 0`), else None: `model.disc_size`
+    by the image size, unless `model.disc_channels` / `model.disc_blocks` say otherwise."""
     if not cfg.has_discriminator:
         return None
-    channels, blocks = nets.default_disc_size(image_shape)
+    channels, blocks = nets.default_disc_size(image_shape, cfg.model.disc_size)
     return nets.Discriminator(image_shape, cfg.model.disc_channels or channels, cfg.model.disc_blocks or blocks)
 
 
@@ -200,7 +201,8 @@ def compile_networks(model: nn.Module, disc: nn.Module | None) -> None:
     coupling conditioners and D (not with the R1 penalty: compiled graphs have no double backward). The
     probability code around them stays eager."""
     for module in [*model.modules(), *(disc.modules() if disc is not None else [])]:
-        if isinstance(module, (nets.ConvEncoder, nets.ConvDecoder, nets.Discriminator)):
+        if isinstance(module, (nets.ConvEncoder, nets.ConvDecoder, nets.Discriminator, resnets.ResEncoder,
+                               resnets.ResDecoder)):
             module.compile()
         elif isinstance(module, flows.AffineCoupling):
             module.net.compile()
