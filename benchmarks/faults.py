@@ -97,6 +97,12 @@ def config_case(pattern: str, *overrides: str):
     return case
 
 
+def case_train_missing_gpu(folder: Path):
+    if torch.cuda.is_available():
+        return None, "skipped: this machine has a GPU"
+    return config_case("no CUDA device", "train.device=cuda")(folder)
+
+
 def case_eval_missing_gpu(folder: Path):
     if torch.cuda.is_available():
         return None, "skipped: this machine has a GPU"
@@ -144,7 +150,7 @@ def case_non_finite(folder: Path):
     result = cqf(*train_args(run, extra=["train.lr=1e12", "train.grad_clip=0", "train.ckpt_every=1",
                                          "train.log_every=1"]))
     ok, seen = one_line_error(result, "non-finite")
-    last = max(run.glob("ckpt-*.pt"), default=None)
+    last = checkpoint.latest(run)
     intact = last is None or loads(last)
     return ok and intact, seen + (f"; {last.name} loads" if last and intact else "")
 
@@ -204,7 +210,7 @@ def case_sigkill_resume(folder: Path):
     straight, killed = folder / "straight", folder / "killed"
     assert cqf(*train_args(straight, extra=KILL)).returncode == 0
     _kill_when(killed, train_args(killed, extra=KILL), lambda: (killed / "ckpt-0000100.pt").exists())
-    at = max(killed.glob("ckpt-*.pt")).name
+    at = checkpoint.latest(killed).name
     if (killed / "model.safetensors").exists():
         return False, "the run finished before the kill"
     result = cqf(*train_args(killed, extra=KILL))
@@ -223,9 +229,9 @@ def case_kill_during_save(folder: Path):
     for _ in range(trials):  # kill as soon as a checkpoint's temporary file is seen (after the first save)
         _kill_when(run, train_args(run, extra=extra), lambda: any(run.glob("ckpt-*.pt")) and any(run.glob("*.tmp")))
         hits += bool(list(run.glob("*.tmp")))
-        ok &= loads(max(run.glob("ckpt-*.pt")))
+        ok &= loads(checkpoint.latest(run))
     resumed = cqf(*train_args(run, extra=["train.ckpt_every=1", "train.steps=" + str(
-        int(max(run.glob("ckpt-*.pt")).stem.split("-")[1]) + 2)]))
+        int(checkpoint.latest(run).stem.split("-")[1]) + 2)]))
     ok &= resumed.returncode == 0
     return ok, f"{hits}/{trials} kills left a .tmp (mid-save); newest checkpoint loaded every time; resume exit " \
                f"{resumed.returncode}"
@@ -236,7 +242,7 @@ def case_sigint(folder: Path):
     code, stderr = _kill_when(run, train_args(run, extra=["train.steps=100000"]),
                               lambda: (run / "ckpt-0000010.pt").exists(), signal.SIGINT)
     ok = code == 130 and "last checkpoint in the run directory is intact" in stderr and \
-        loads(max(run.glob("ckpt-*.pt")))
+        loads(checkpoint.latest(run))
     return ok, f"exit {code}: {stderr.strip().splitlines()[-1][:120] if stderr.strip() else ''}"
 
 
@@ -277,8 +283,7 @@ CASES = [
     ("config: negative learning rate", "exit 2, names the key", config_case("train.lr", "train.lr=-1")),
     ("config: infinite learning rate", "exit 2, names the key", config_case("train.lr", "train.lr=inf")),
     ("config: unknown device (`gpu`)", "exit 2, names the choices", config_case("cuda:N", "train.device=gpu")),
-    ("config: CUDA on a machine without one", "exit 2, no traceback",
-     config_case("no CUDA device", "train.device=cuda")),
+    ("config: CUDA on a machine without one", "exit 2, no traceback", case_train_missing_gpu),
     ("eval: CUDA on a machine without one", "exit 2, no traceback", case_eval_missing_gpu),
     ("config: 2 flow scales without a flow", "exit 2, names the fix",
      config_case("needs a flow", "model.flow_couplings=0", "model.flow_scales=2")),

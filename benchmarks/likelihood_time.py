@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from cqf import checkpoint
 from cqf.config import load_config
 from cqf.data import load_dataset
 from cqf.likelihood import histogram_bits_per_dim
@@ -35,7 +36,7 @@ def parse_job(text: str) -> tuple[str, list[str]]:
 
 def last_step(run_dir: Path) -> int:
     """The step of the run's newest checkpoint (every `cqf train` invocation ends with one)."""
-    return int(max(run_dir.glob("ckpt-*.pt")).stem.split("-")[1])
+    return int(checkpoint.latest(run_dir).stem.split("-")[1])
 
 
 def main() -> None:

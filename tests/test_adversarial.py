@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
+from cqf import checkpoint, losses
 from cqf import config as cqf_config
-from cqf import losses
 from cqf.config import Config, ModelConfig, TrainConfig
 from cqf.data import ImageData, dequantize
 from cqf.likelihood import gan_bits_per_dim
@@ -254,7 +254,7 @@ BUNDLED_DATA = {"digits": ((1, 8, 8), 17), "mnist": ((1, 28, 28), 256), "cifar10
 
 
 @pytest.mark.parametrize("name", sorted(cqf_config.bundled_configs()))
-def test_every_bundled_config_builds_and_runs_one_step(tmp_path, name):
+def test_every_bundled_config_trains_through_an_adversarial_step(tmp_path, name):
     """Each config's model, D and losses train through an adversarial step where it has one (with
     `quality_every` k the first k - 1 steps are plain ELBO steps, so a hybrid runs k steps and its last record
     must carry L_Q), and finish (grids, export, test bits/dim), on fake data of its image size, with the networks
@@ -429,3 +429,14 @@ def test_between_adversarial_steps_d_rests_and_g_takes_a_plain_elbo_step(tmp_pat
             training_step(plain, digits)
             for (name, p), q in zip(run.model.named_parameters(), plain.model.parameters(), strict=True):
                 torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_a_hybrid_and_its_likelihood_only_twin_are_one_run_until_l_q_switches_on(tmp_path, digits):
+    """CQ-F during its warm-up is VAE-F, bit for bit: building D draws nothing from the model's random stream,
+    so any later difference is the adversarial term's."""
+    settings = dict(steps=3, eval_every=0, sample_every=0, ckpt_every=3, ema_halflife_kimg=0.1)
+    train(tiny_config(quality_weight=1.0, warmup_steps=5, **settings), tmp_path / "cq-f", data=digits, progress=False)
+    train(tiny_config(**settings), tmp_path / "vae-f", data=digits, progress=False)
+    hybrid, twin = (torch.load(tmp_path / run / "ckpt-0000003.pt", weights_only=True) for run in ("cq-f", "vae-f"))
+    for key in ("model", "ema", "opt_g"):
+        assert checkpoint.first_difference(hybrid[key], twin[key]) is None, key

@@ -63,8 +63,10 @@ def test_a_second_flow_scale_without_a_flow_is_refused_not_ignored():
     ["sample", "missing.safetensors", "--device", "cuda:0"],
     ["eval", "missing.npz", "--data", "digits", "--device", "cuda"],
 ])
-def test_a_gpu_that_is_not_there_is_one_line_not_a_traceback(argv, tmp_path, capsys):
+def test_a_gpu_that_is_not_there_is_one_line_not_a_traceback(argv, tmp_path, capsys, monkeypatch):
     from cqf.cli import main
+
+    monkeypatch.chdir(tmp_path)  # eval of images writes ./eval.json when it gets that far
 
     with pytest.raises(SystemExit) as exit_:
         main([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])])

@@ -493,3 +493,33 @@ def test_the_time_budget_counts_the_chosen_clock(tmp_path, digits, monkeypatch, 
     train(cfg, tmp_path, data=digits, progress=False)
     step = torch.load(checkpoint.latest(tmp_path), weights_only=True)["step"]
     assert step == 10 if clock == "wall" else 1 < step < 10
+
+
+def test_a_folder_run_resumes_from_another_path_but_not_on_other_images(tmp_path, monkeypatch):
+    """folder:PATH is known by its images too: the same folder named by an absolute path resumes; the same
+    path holding other images is refused."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    def write_images(seed):
+        rng = np.random.default_rng(seed)
+        for i in range(40):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+
+    (tmp_path / "imgs").mkdir()
+    write_images(0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CQF_DATA", str(tmp_path / "cache"))
+    cfg = tiny_config(steps=2, eval_every=0, sample_every=0, eval_iw_samples=0, ckpt_every=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name="folder:imgs", val_size=5, image_size=8))
+    train(cfg, tmp_path / "run", progress=False)
+    absolute = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name=f"folder:{tmp_path / 'imgs'}"),
+                                   train=dataclasses.replace(cfg.train, steps=4))
+    train(absolute, tmp_path / "run", progress=False)
+    assert checkpoint.latest(tmp_path / "run").name == "ckpt-0000004.pt"
+    write_images(1)
+    longer = dataclasses.replace(absolute, train=dataclasses.replace(absolute.train, steps=6))
+    with pytest.raises(TrainingError, match=r"holds other images"):
+        train(longer, tmp_path / "run", progress=False)

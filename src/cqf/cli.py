@@ -101,7 +101,10 @@ def _train(args) -> None:
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=2))
         return
+    from .run import resolve_device
     from .train import train
+
+    resolve_device(cfg.train.device)  # before any data is read or the run directory is made
 
     out = args.out or Path("runs") / Path(str(args.config)).stem
     main = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all
@@ -156,6 +159,8 @@ def _sample(args) -> None:
 
     if args.num < 1:
         raise CQFError(f"-n must be >= 1, got {args.num}")
+    if not 0 <= args.seed < 2**32:
+        raise CQFError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     resolve_device(args.device, "--device")
     out = save_samples(load(args.checkpoint, args.device).model, args.num, args.out, args.seed)
     print(f"{args.num} samples written to {out}")

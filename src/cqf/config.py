@@ -64,7 +64,8 @@ def _finite(obj, prefix: str) -> list[tuple[bool, str]]:
         value = getattr(obj, f.name)
         numbers = value if isinstance(value, tuple) else (value,)
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            checks.append((False, f"{prefix}{f.name} must be a finite number, got {value!r}"))
+            what = "finite numbers" if isinstance(value, tuple) else "a finite number"
+            checks.append((False, f"{prefix}{f.name} must be {what}, got {value!r}"))
     return checks
 
 

@@ -14,6 +14,7 @@ which resize to `data.image_size`; a new data set is one decorated loader.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ import torch
 from torch import Tensor
 
 from .errors import DataError
-from .files import sha256_file
 
 __all__ = [
     "DATASETS",
     "ImageData",
     "as_nchw",
     "batch_indices",
+    "content_hash",
     "default_root",
     "dequantize",
     "levels_to_uint8",
@@ -53,7 +54,7 @@ class ImageData:
     y_val: Tensor
     x_test: Tensor
     y_test: Tensor
-    identity: str = ""  # what the images are, wherever they lie: the content hash of an npz; "" = the name
+    identity: str = ""  # what the images are, wherever they lie (`content_hash`, for npz: and folder:); "" = the name
 
     @property
     def key(self) -> str:
@@ -241,9 +242,20 @@ def load_dataset(name: str, root: str | Path = "", val_size: int = 200, image_si
         raise DataError(f"data.image_size={image_size}, but {name} has {height}x{width} images and is not resized; "
                         f"set data.image_size=0")
     data = _split_val(name, *parts, val_size=val_size)
-    if scheme + sep == "npz:":  # a file's path may change (moved, another working directory); its content not
-        data.identity = f"npz:sha256={sha256_file(Path(argument).expanduser())}"
+    if sep:  # npz:PATH, folder:PATH: the path may change (moved, another working directory); the images not
+        data.identity = f"{scheme}:sha256={content_hash(*parts)}"
     return data
+
+
+def content_hash(levels: int, *tensors: Tensor) -> str:
+    """SHA-256 of a data set's levels and arrays (shapes, dtypes and bytes): the same images and labels give the
+    same hash whatever file or folder they were read from."""
+    digest = hashlib.sha256(str(levels).encode())
+    for t in tensors:
+        array = t.contiguous().numpy()
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 # Last: cqf.datasets registers its loaders with register_dataset, defined above (no import cycle). Not bound to

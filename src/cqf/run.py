@@ -169,7 +169,9 @@ def build_run(cfg: Config, data: ImageData, run_dir: Path, device: str | None = 
     device = resolve_device(device or tc.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.image_shape, data.levels, gan=cfg.is_gan).to(device)
-    disc = build_discriminator(cfg, data.image_shape)
+    with torch.random.fork_rng(devices=[]):  # D's init draws leave the model's stream (ActNorm's init batch) as
+        torch.manual_seed(cfg.seed + 1)       # it is: a hybrid and its likelihood-only twin start as one run
+        disc = build_discriminator(cfg, data.image_shape)
     disc = disc.to(device) if disc is not None else None
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
