@@ -90,6 +90,9 @@ def test_train_sample_eval_end_to_end(capsys, tmp_path):
     means = levels_to_uint8(to_levels(model.sample(5, noise=False), 17), 17)
     assert torch.equal(sample_images(model, 5, seed=3, noise=False), means)
     assert not torch.equal(means, expected)
+    main(["sample", str(run / "model.safetensors"), "-n", "5", "--out", str(tmp_path / "means"), "--seed", "3",
+          "--no-noise"])
+    assert torch.equal(load_image_folder(tmp_path / "means", channels=1), means)
 
 
 def test_report_table_and_plot(tmp_path, capsys):

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, default=Path("samples.png"), help="X.png for a grid, else a folder")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu")
+    sample.add_argument("--no-noise", action="store_true",
+                        help="f^-1(mu(z)) without the decoder noise (a diagnostic; the model's samples keep it)")
 
     ev = commands.add_parser("eval", help="evaluate a checkpoint, image folder or .npz: bits/dim and sample metrics")
     ev.add_argument("source", type=Path, help="ckpt-*.pt / model.safetensors, a folder of PNGs, or an .npz")
@@ -162,7 +164,8 @@ def _sample(args) -> None:
     if not 0 <= args.seed < 2**32:
         raise CQFError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     resolve_device(args.device, "--device")
-    out = save_samples(load(args.checkpoint, args.device).model, args.num, args.out, args.seed)
+    out = save_samples(load(args.checkpoint, args.device).model, args.num, args.out, args.seed,
+                       noise=not args.no_noise)
     print(f"{args.num} samples written to {out}")
 
 

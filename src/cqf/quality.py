@@ -115,13 +115,14 @@ def decoder_noise_share(model, num: int = 1000, batch_size: int = 250, seed: int
             "sigma_levels": sums["sigma"] / num * model.levels / 2, "num_samples": num, "seed": seed}
 
 
-def save_samples(model: ImageModel, num: int, out: str | Path, seed: int = 0) -> Path:
-    """`num` samples (`sample_images`) as one PNG grid when `out` ends in .png, else as N PNG files in `out`."""
+def save_samples(model: ImageModel, num: int, out: str | Path, seed: int = 0, noise: bool = True) -> Path:
+    """`num` samples (`sample_images`, with or without the decoder noise) as one PNG grid when `out` ends in .png,
+    else as N PNG files in `out`."""
     from .images import write_image_folder
 
     out = Path(out)
     grid = out.suffix.lower() == ".png"
-    images = sample_images(model, num, seed=seed, progress=not grid)
+    images = sample_images(model, num, seed=seed, progress=not grid, noise=noise)
     if grid:
         save_grid(images.float() / 255, out)  # uint8 0..255 -> [0, 1]; the same images a folder would hold
         return out
