@@ -445,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     baseline = histogram_bits_per_dim(data.x_train, data.x_test, data.levels)
     table = markdown_table(entries, baseline)
     notes = [(f"{data.name}: {len(data.x_train):,} training images (validation slice of {args.val_size} held "
-              f"out), {data.image_shape}, {data.levels} levels; each peer trained alone for {args.minutes:g} minutes, "
+              f"out), {data.image_shape}, {data.levels} levels; each peer trained for {args.minutes:g} minutes of "
+              f"{'CPU time' if args.clock == 'process' else 'wall clock'}, "
               f"batch {args.batch_size}, {torch.get_num_threads()} thread(s), seed {args.seed}."),
              ("Glow's bits/dim are exact, on the test split, with cqf eval's dequantization (seed 0) and formula; "
               "its samples are at temperature 1.0. The DCGAN has no density."),
