@@ -9,6 +9,8 @@ from cqf import checkpoint, losses
 from cqf.config import ModelConfig
 from cqf.models import VAE, build_model
 
+from .conftest import bits_per_dim_after_fitting
+
 SHAPE = (1, 8, 8)
 
 
@@ -140,18 +142,8 @@ def test_decoder_sigma_respects_the_floor():
 
 
 def test_tiny_model_overfits_one_batch(model):
-    x = torch.rand(8, *SHAPE) * 2 - 1
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-    def bpd():
-        return model.bits_per_dim(model.elbo(x).elbo).mean()
-
-    start = bpd().item()
-    for _ in range(100):
-        opt.zero_grad()
-        bpd().backward()
-        opt.step()
-    assert bpd().item() < start - 1.0
+    start, end = bits_per_dim_after_fitting(model, SHAPE, 100)
+    assert end < start - 1.0
 
 
 def test_bits_per_dim_of_uniform_images_under_the_model_unit():

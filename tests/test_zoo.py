@@ -19,7 +19,7 @@ from cqf.models import DECODERS, ENCODERS, Generator, build_encoder, build_model
 from cqf.nvp import NVP
 from cqf.run import build_discriminator
 
-from .conftest import tiny_config
+from .conftest import bits_per_dim_after_fitting, tiny_config
 
 SHAPE = (1, 8, 8)
 LEVELS = 17
@@ -121,19 +121,8 @@ def test_tiny_model_overfits_one_batch(option):
     steps at this learning rate, the conv nets after ~75: tests/test_models.py's 100 steps would not do).
     In float32, as in training: 200 steps of float64 convolutions take tens of seconds on a shared CPU."""
     torch.set_default_dtype(torch.float32)
-    model = make(**OPTIONS[option])
-    x = torch.rand(8, *SHAPE) * 2 - 1
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-    def bpd():
-        return model.bits_per_dim(model.elbo(x).elbo).mean()
-
-    start = bpd().item()
-    for _ in range(200):
-        opt.zero_grad()
-        bpd().backward()
-        opt.step()
-    assert bpd().item() < start - 1.0
+    start, end = bits_per_dim_after_fitting(make(**OPTIONS[option]), SHAPE, 200)
+    assert end < start - 1.0
 
 
 # ---- residual encoder and decoder ---------------------------------------------------------------------------

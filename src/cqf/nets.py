@@ -14,8 +14,8 @@ from itertools import pairwise
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DISC_SIZES", "ConvDecoder", "ConvEncoder", "Discriminator", "coupling_net", "default_disc_size",
-           "num_downsamplings"]
+__all__ = ["DISC_SIZES", "ConvDecoder", "ConvEncoder", "Discriminator", "GaussianEncoder", "coupling_net",
+           "default_disc_size", "num_downsamplings"]
 
 
 MAX_WIDTH = 8  # the conv nets' widest layer, in units of `channels`
@@ -34,7 +34,25 @@ def num_downsamplings(height: int, width: int) -> int:
     return count
 
 
-class ConvEncoder(nn.Module):
+class GaussianEncoder(nn.Module):
+    """The head shared by the encoders: `features` (a network to a feature map) then the linear `head` to
+    (mean, log_scale, context); subclasses build both and set `latent_dim`."""
+
+    features: nn.Module
+    head: nn.Linear
+    latent_dim: int
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean, log_scale, context h), (B, latent_dim) twice and (B, context_dim), in x's dtype (the KL's)."""
+        out = self.head(self.features(x).flatten(1)).to(x.dtype)
+        return out[:, : self.latent_dim], out[:, self.latent_dim : 2 * self.latent_dim], out[:, 2 * self.latent_dim :]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_scale, _ = self.encode(x)
+        return mean, log_scale
+
+
+class ConvEncoder(GaussianEncoder):
     """x (B, C, H, W) -> (mean, log_scale) of q(z | x), each (B, latent_dim).
 
     With `context_dim > 0` the head also gives the context h of an IAF posterior (`encode`).
@@ -52,14 +70,6 @@ class ConvEncoder(nn.Module):
         self.head = nn.Linear(widths[-1] * h * w, 2 * latent_dim + context_dim)
         self.latent_dim = latent_dim
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(mean, log_scale, context h), (B, latent_dim) twice and (B, context_dim), in x's dtype (the KL's)."""
-        out = self.head(self.features(x).flatten(1)).to(x.dtype)
-        return out[:, : self.latent_dim], out[:, self.latent_dim : 2 * self.latent_dim], out[:, 2 * self.latent_dim :]
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_scale, _ = self.encode(x)
-        return mean, log_scale
 
 
 class ConvDecoder(nn.Module):

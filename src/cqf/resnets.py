@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nets import num_downsamplings
+from .nets import GaussianEncoder, num_downsamplings
 
 __all__ = ["ResBlock", "ResDecoder", "ResEncoder", "residual_coupling_net"]
 
@@ -60,7 +60,7 @@ class ResBlock(nn.Module):
         return h + skip
 
 
-class ResEncoder(nn.Module):
+class ResEncoder(GaussianEncoder):
     """x (B, C, H, W) -> (mean, log_scale) of q(z | x), each (B, latent_dim): residual twin of `nets.ConvEncoder`.
 
     One downsampling block per `nets.num_downsamplings` stage (32 -> 16 -> 8 -> 4), one more block at the
@@ -78,14 +78,6 @@ class ResEncoder(nn.Module):
         self.head = nn.Linear(channels * (h >> stages) * (w >> stages), 2 * latent_dim + context_dim)
         self.latent_dim = latent_dim
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(mean, log_scale, context h), (B, latent_dim) twice and (B, context_dim), in x's dtype."""
-        out = self.head(self.features(x).flatten(1)).to(x.dtype)
-        return out[:, : self.latent_dim], out[:, self.latent_dim : 2 * self.latent_dim], out[:, 2 * self.latent_dim :]
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_scale, _ = self.encode(x)
-        return mean, log_scale
 
 
 class ResDecoder(nn.Module):
