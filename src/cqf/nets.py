@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["DISC_SIZES", "ConvDecoder", "ConvEncoder", "Discriminator", "GaussianEncoder", "coupling_net",
-           "default_disc_size", "num_downsamplings"]
+           "default_disc_size", "num_downsamplings", "zero_conv"]
 
 
 MAX_WIDTH = 8  # the conv nets' widest layer, in units of `channels`
@@ -99,11 +99,18 @@ class ConvDecoder(nn.Module):
         return mean, raw_scale
 
 
+def zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 3x3 convolution with zero weights and bias: a conditioner's output layer, so that its coupling starts
+    as the identity."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 def coupling_net(in_channels: int, out_channels: int, hidden: int) -> nn.Module:
     """Conditioner of an affine coupling. The last layer is zero-initialised so the coupling starts as identity."""
-    last = nn.Conv2d(hidden, out_channels, 3, padding=1)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    last = zero_conv(hidden, out_channels)
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, 3, padding=1),
         nn.SiLU(),

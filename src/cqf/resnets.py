@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nets import GaussianEncoder, num_downsamplings
+from .nets import GaussianEncoder, num_downsamplings, zero_conv
 
 __all__ = ["ResBlock", "ResDecoder", "ResEncoder", "residual_coupling_net"]
 
@@ -108,9 +108,7 @@ def residual_coupling_net(in_channels: int, out_channels: int, hidden: int, bloc
     """Real NVP's residual conditioner (Dinh et al. 2017, section 4.1), without its batch norm (a flow's
     log-det must be per sample): conv 3x3, `blocks` residual blocks of `hidden` channels, ReLU, and a
     zero-initialised conv 3x3 output, so that the coupling starts as the identity."""
-    last = nn.Conv2d(hidden, out_channels, 3, padding=1)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
+    last = zero_conv(hidden, out_channels)
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, 3, padding=1),
         *[ResBlock(hidden, hidden) for _ in range(blocks)],
