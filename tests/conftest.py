@@ -51,3 +51,17 @@ def bits_per_dim_after_fitting(model, shape, steps: int) -> tuple[float, float]:
         bpd().backward()
         opt.step()
     return start, bpd().item()
+
+
+def check_elbo_and_sample_match_two_calls(model, shape) -> None:
+    """`elbo_and_sample`'s one decoder call on the posterior and prior z together gives what `elbo` then `sample`
+    give, draw for draw, and its samples keep their graph (the generator step backpropagates through them)."""
+    x = torch.rand(5, *shape) * 2 - 1
+    torch.manual_seed(7)
+    terms, samples = model.elbo_and_sample(x, 3)
+    torch.manual_seed(7)
+    reference = model.elbo(x)
+    torch.testing.assert_close(terms.elbo, reference.elbo)
+    torch.testing.assert_close(terms.kl, reference.kl)
+    torch.testing.assert_close(samples, model.sample(3))
+    assert samples.requires_grad
