@@ -81,6 +81,29 @@ def test_quality_loss_reaches_decoder_and_flow_but_not_encoder_or_disc():
     assert all(p.requires_grad for p in disc.parameters())  # ... and unfrozen after it
 
 
+@pytest.mark.parametrize("balance", ["fixed", "adaptive"])  # one decoder call for both losses, and two
+def test_quality_sigma_false_keeps_l_q_from_sigma_alone(balance):
+    """train.quality_sigma=false: L_Q's part of the output layer's gradient is zero on sigma's rows (weight and
+    bias) and non-zero on the mean's, and the flow still gets it."""
+    _, model, disc = build("CQ-F")
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0, quality_sigma=False)
+    both, _ = _gradients(model, disc, tc, 1.0, x)
+    coverage_only, _ = _gradients(model, disc, tc, 0.0, x)
+    channels = SHAPE[0]
+    for name in (_last(model), _last(model).replace("weight", "bias")):
+        part = (both[name] - coverage_only[name]).abs()
+        assert part[channels:].max() <= 1e-12 * coverage_only[name][channels:].abs().max(), name
+        assert part[:channels].max() > 1e-6 * coverage_only[name][:channels].abs().max(), name
+    flow = [n for n in both if n.startswith("likelihood.flow.")]
+    assert flow and all((both[n] - coverage_only[n]).abs().max() > 0 for n in flow)
+
+
+def test_quality_sigma_false_needs_a_hybrid():
+    with pytest.raises(cqf_config.ConfigError, match="quality_sigma"):
+        Config(train=TrainConfig(quality_weight=0.0, quality_sigma=False))
+
+
 def _last(model) -> str:
     """The parameter name of the decoder's output-layer weight."""
     return next(n for n, p in model.named_parameters() if p is model.decoder.last.weight)

@@ -161,6 +161,7 @@ class TrainConfig:
     d_steps: int = 1  # discriminator steps per generator step (when there is a discriminator)
     quality_batch_size: int = 0  # L_Q's samples and D's real/generated images per step; 0 = batch_size (at most
     # the training set, as the batch); not for a GAN, whose batch is batch_size
+    quality_sigma: bool = True  # L_Q's gradient reaches the decoder's sigma; False: sigma is trained by L_C alone
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
@@ -256,6 +257,9 @@ class Config:
         if self.model.latent_dim == 0 and (self.is_gan or self.has_discriminator):
             raise ConfigError("the NVP baseline (model.latent_dim=0) is trained by likelihood only: set "
                               "train.quality_weight=0 and train.coverage_weight > 0")
+        if not self.train.quality_sigma and (self.is_gan or not self.has_discriminator):
+            raise ConfigError("train.quality_sigma=false keeps L_Q's gradient from the decoder's sigma: it needs a "
+                              "hybrid (train.quality_weight > 0 and train.coverage_weight > 0); remove it")
         if self.is_gan and self.train.quality_batch != self.train.batch_size:
             raise ConfigError("a GAN's batch is train.batch_size (it has no L_C batch to keep apart): set "
                               "train.batch_size instead of train.quality_batch_size")

@@ -124,15 +124,17 @@ def generating_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
 
 
-def generator_forward(model: nn.Module, x: Tensor | None, num_samples: int,
-                      batched: bool = True) -> tuple[ElboTerms | None, Tensor | None]:
+def generator_forward(model: nn.Module, x: Tensor | None, num_samples: int, batched: bool = True,
+                      sigma_grad: bool = True) -> tuple[ElboTerms | None, Tensor | None]:
     """The model's half of a step: ELBO terms of `x` (None: no L_C) and `num_samples` samples with their graph
-    (0: no L_Q), with one decoder call for both unless `batched` is False (`VAE.elbo_and_sample`)."""
+    (0: no L_Q), with one decoder call for both unless `batched` is False (`VAE.elbo_and_sample`).
+    `sigma_grad=False` (`train.quality_sigma`): the samples' graph does not reach the decoder's sigma."""
+    kwargs = {} if sigma_grad else {"sigma_grad": False}  # the GAN and NVP models have no sigma to detach
     if x is not None and num_samples:
-        return model.elbo_and_sample(x, num_samples, batched=batched)
+        return model.elbo_and_sample(x, num_samples, batched=batched, **kwargs)
     if x is not None:
         return model.elbo(x), None
-    return None, model.sample(num_samples) if num_samples else None
+    return None, model.sample(num_samples, **kwargs) if num_samples else None
 
 
 def losses_apart(tc: TrainConfig, measure: bool) -> bool:
@@ -163,7 +165,8 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
     if forward is None:
         with autocast(x.device, tc.precision):
             forward = generator_forward(model, x if tc.coverage_weight > 0 else None,
-                                        x.shape[0] if adversarial else 0, batched=not losses_apart(tc, measure))
+                                        x.shape[0] if adversarial else 0, batched=not losses_apart(tc, measure),
+                                        sigma_grad=tc.quality_sigma)
     terms, fake = forward
     stats, loss_coverage, loss_quality = {}, None, None
     coverage_scale = tc.coverage_weight / (math.prod(x.shape[1:]) * math.log(2) if tc.balance == "per_dim" else 1)
@@ -282,7 +285,7 @@ def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
     num_fake = distributed.local_rows(min(tc.quality_batch, num_train))  # as many as the D step's real images
     with autocast(run.device, tc.precision):
         forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, num_fake if adversarial else 0,
-                                    batched=not losses_apart(tc, measure))
+                                    batched=not losses_apart(tc, measure), sigma_grad=tc.quality_sigma)
     if adversarial:
         for i in range(tc.d_steps):
             idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.quality_batch, cfg.seed + 1)
