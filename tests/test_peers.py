@@ -117,3 +117,33 @@ def test_unsuitable_shapes_are_refused_before_training(capsys, tmp_path):
         peers.main(["--data", "digits", "--minutes", "1", "--glow-levels", "4", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "divisible by 16" in capsys.readouterr().err
     assert not (tmp_path / "peers.json").exists()
+
+
+def test_figure_shows_real_images_their_reconstructions_and_samples(digits, tmp_path):
+    """benchmarks/figure.py: the real block is the spread test images themselves, the reconstructions are the
+    model's, the samples its `sample` draws; the three tiles sit side by side in that order."""
+    import figure
+
+    from cqf.checkpoint import load
+    from cqf.data import to_unit
+    from cqf.train import train
+
+    from .conftest import tiny_config
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(steps=2), run_dir)
+    loaded = load(run_dir / "model.safetensors")
+    real, recon, samples = figure.blocks(loaded, digits.x_test, 4, noise=True, seed=0)
+    spread = digits.x_test[torch.linspace(0, len(digits.x_test) - 1, 4).long()]
+    assert torch.allclose(real, to_unit(dequantize(spread, digits.levels), digits.levels).float(), atol=1 / 17)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = to_unit(loaded.model.sample(4), digits.levels).float().clamp(0, 1)
+    assert torch.equal(samples, expected)
+    assert not torch.equal(recon, samples)
+    panel = figure.side_by_side([real, recon, samples], rows=2, cols=2, gap=3)
+    tile = 2 * (8 + 1) + 1  # two 8-pixel images and three 1-pixel borders
+    assert panel.shape == (1, tile, 3 * tile + 2 * 3)
+    assert torch.equal(panel[:, 1:9, 1:9], real[0])
+    assert torch.equal(panel[:, 1:9, tile + 3 + 1: tile + 3 + 9], recon[0])
+    assert torch.equal(panel[:, 10:18, 2 * (tile + 3) + 10: 2 * (tile + 3) + 18], samples[3])
