@@ -17,6 +17,7 @@ import torch
 
 from cqf import checkpoint
 from cqf.data import dequantize, load_dataset, to_unit
+from cqf.errors import CQFError
 from cqf.images import save_grid
 from cqf.models import DensityModel
 
@@ -26,7 +27,7 @@ def blocks(loaded: checkpoint.LoadedModel, x_int: torch.Tensor, num: int, noise:
     """[real, reconstructions, samples] in [0, 1], `num` images each; the real ones evenly spaced over `x_int`."""
     model, levels = loaded.model, loaded.levels
     if not isinstance(model, DensityModel):
-        raise SystemExit(f"{loaded.path} is a GAN: it has no encoder to reconstruct with; use `cqf sample`")
+        raise SystemExit(f"error: {loaded.path} is a GAN: it has no encoder to reconstruct with; use `cqf sample`")
     with torch.no_grad():
         x = dequantize(x_int[torch.linspace(0, len(x_int) - 1, num).long()], levels,
                        torch.Generator().manual_seed(seed))
@@ -61,12 +62,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    loaded = checkpoint.load(args.checkpoint)
-    data = load_dataset(args.data or loaded.data_name, loaded.config.data.root, val_size=0,
-                        image_size=loaded.config.data.image_size)
-    if tuple(data.x_test.shape[1:]) != loaded.image_shape:
-        raise SystemExit(f"{args.data or loaded.data_name} has {tuple(data.x_test.shape[1:])} images, the model "
-                         f"{loaded.image_shape}: pass the data set it was trained on with --data")
+    if args.rows < 1 or args.cols < 1:
+        parser.error("--rows and --cols must be at least 1")
+    try:
+        loaded = checkpoint.load(args.checkpoint)
+        data = load_dataset(args.data or loaded.data_name, loaded.config.data.root, val_size=0,
+                            image_size=loaded.config.data.image_size)
+    except CQFError as err:
+        parser.error(str(err))
+    if (tuple(data.x_test.shape[1:]), data.levels) != (loaded.image_shape, loaded.levels):
+        parser.error(f"{args.data or loaded.data_name} has {tuple(data.x_test.shape[1:])} images of {data.levels} "
+                     f"levels, the model {loaded.image_shape} of {loaded.levels}: pass the data set it was trained "
+                     "on with --data")
     num = args.rows * args.cols
     parts = blocks(loaded, data.x_test, num, noise=not args.no_noise, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -259,7 +259,8 @@ class Config:
                               "train.quality_weight=0 and train.coverage_weight > 0")
         if not self.train.quality_sigma and (self.is_gan or not self.has_discriminator):
             raise ConfigError("train.quality_sigma=false keeps L_Q's gradient from the decoder's sigma: it needs a "
-                              "hybrid (train.quality_weight > 0 and train.coverage_weight > 0); remove it")
+                              "hybrid (train.quality_weight > 0 and train.coverage_weight > 0); remove "
+                              "train.quality_sigma=false")
         if self.is_gan and self.train.quality_batch != self.train.batch_size:
             raise ConfigError("a GAN's batch is train.batch_size (it has no L_C batch to keep apart): set "
                               "train.batch_size instead of train.quality_batch_size")
