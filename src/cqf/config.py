@@ -161,7 +161,7 @@ class TrainConfig:
     d_steps: int = 1  # discriminator steps per generator step (when there is a discriminator)
     quality_batch_size: int = 0  # L_Q's samples and D's real/generated images per step; 0 = batch_size (at most
     # the training set, as the batch); not for a GAN, whose batch is batch_size
-    quality_sigma: bool = True  # L_Q's gradient reaches the decoder's sigma; False: sigma is trained by L_C alone
+    quality_sigma: bool = True  # L_Q's gradient passes through the decoder's sigma; False: none does (docs)
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
