@@ -255,6 +255,14 @@ def test_large_discriminator_is_wider_and_deeper():
                                                  train=TrainConfig(quality_weight=1.0)), (1, 8, 8))) == (64, 4)
 
 
+def test_large_discriminator_preset_is_refused_where_both_sizes_override_it():
+    """`--set model.disc_size=large` on a config that fixes D's width and depth would build the base D."""
+    with pytest.raises(ConfigError, match="disc_size=large has no effect .* --set model.disc_channels=0"):
+        ModelConfig(disc_size="large", disc_channels=128, disc_blocks=4)
+    ModelConfig(disc_size="large", disc_channels=64)  # one size given: the preset still sets the other
+    ModelConfig(disc_size="base", disc_channels=128, disc_blocks=4)
+
+
 @pytest.mark.parametrize("size", [32, 48, 64])
 @pytest.mark.parametrize("arch", list(ENCODERS))
 def test_each_arch_builds_and_runs_at_32_48_and_64_pixels(arch, size):
@@ -319,13 +327,15 @@ def test_nvp_samples_are_the_inverse_flow_of_base_points():
     torch.testing.assert_close(model.reconstruct(x), x)
 
 
-def test_nvp_trains_samples_and_evaluates_through_the_cli(tmp_path, digits, capsys):
+def test_nvp_trains_samples_and_evaluates_through_the_cli(tmp_path, digits, capsys, caplog):
     from cqf.cli import main
     from cqf.train import train
 
     run = tmp_path / "run"
-    train(tiny_config({"latent_dim": 0}, steps=3, eval_every=0, sample_every=0, ckpt_every=0), run, data=digits,
-          progress=False)
+    with caplog.at_level("INFO", logger="cqf"):
+        train(tiny_config({"latent_dim": 0}, steps=3, eval_every=0, sample_every=0, ckpt_every=0), run,
+              data=digits, progress=False)
+    assert "test bits/dim: exact" in caplog.text and "ELBO" not in caplog.text  # not labelled a bound
     results = json.loads((run / "results.json").read_text())
     assert results["variant"] == "NVP" and results["bpd_iwae"] == pytest.approx(results["bpd_elbo"], abs=1e-12)
     main(["sample", str(run / "ckpt-0000003.pt"), "-n", "4", "--out", str(tmp_path / "grid.png")])
@@ -335,6 +345,8 @@ def test_nvp_trains_samples_and_evaluates_through_the_cli(tmp_path, digits, caps
     bpd = json.loads((tmp_path / "e.json").read_text())["bits_per_dim"]
     assert bpd["variant"] == "NVP" and bpd["bpd_iwae"] == pytest.approx(bpd["bpd_elbo"], abs=1e-12)
     assert "exact" in bpd["estimators"]
+    table = capsys.readouterr().out
+    assert "bits/dim test, exact" in table and "IWAE" not in table and "ELBO" not in table
 
 
 def test_nvp_refuses_what_makes_no_sense():

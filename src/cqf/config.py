@@ -137,6 +137,10 @@ class ModelConfig:
                                       f"{self.disc_channels}"),
             (self.disc_blocks >= 0,
              f"model.disc_blocks must be >= 0 (0 = from the image size), got {self.disc_blocks}"),
+            (self.disc_size == "base" or not (self.disc_channels and self.disc_blocks),
+             f"model.disc_size={self.disc_size} has no effect with model.disc_channels={self.disc_channels} and "
+             f"model.disc_blocks={self.disc_blocks} both set: add --set model.disc_channels=0 --set "
+             "model.disc_blocks=0 for the preset's D"),
         ])
 
 

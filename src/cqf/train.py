@@ -183,8 +183,11 @@ def finish(run: Run, data: ImageData, run_dir: Path, periodic: Periodic) -> nn.M
         if main:
             write_json(results, run_dir / "results.json")
         periodic.logger.write(step, {f"test_{k}": v for k, v in results.items() if isinstance(v, float)})
-        log.info("test bits/dim: ELBO %.4f%s", results["bpd_elbo"],
-                 f", IWAE-{tc.eval_iw_samples} {results['bpd_iwae']:.4f}" if tc.eval_iw_samples else "")
+        if run.cfg.variant == "NVP":  # no latent: the ELBO is the likelihood itself
+            log.info("test bits/dim: exact %.4f", results["bpd_elbo"])
+        else:
+            log.info("test bits/dim: ELBO %.4f%s", results["bpd_elbo"],
+                     f", IWAE-{tc.eval_iw_samples} {results['bpd_iwae']:.4f}" if tc.eval_iw_samples else "")
     periodic.logger.close()
     return model.eval()
 
