@@ -263,6 +263,12 @@ def test_large_discriminator_preset_is_refused_where_both_sizes_override_it():
     ModelConfig(disc_size="base", disc_channels=128, disc_blocks=4)
 
 
+def test_residual_conditioner_without_a_flow_is_refused():
+    with pytest.raises(ConfigError, match="flow_blocks=2 shapes the flow's couplings, and there is no flow"):
+        ModelConfig(flow_couplings=0, flow_blocks=2)
+    ModelConfig(flow_couplings=1, flow_blocks=2)
+
+
 @pytest.mark.parametrize("size", [32, 48, 64])
 @pytest.mark.parametrize("arch", list(ENCODERS))
 def test_each_arch_builds_and_runs_at_32_48_and_64_pixels(arch, size):
