@@ -46,6 +46,17 @@ def test_list_and_dry_run(capsys):
     assert resolved["train"]["lr"] == 3e-4 and resolved["data"]["name"] == "mnist"
 
 
+def test_train_on_missing_data_leaves_no_run_folder(capsys, tmp_path):
+    out, kept = tmp_path / "new" / "run", tmp_path / "kept"
+    kept.mkdir()
+    for folder in (out, kept):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "digits-vae", "--out", str(folder), "--set", f"data.name=npz:{tmp_path / 'absent.npz'}"])
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after the "training ... -> folder" line
+        assert exit_info.value.code != 0 and last.startswith("cqf: error:") and "absent.npz not found" in last
+    assert not out.exists() and kept.is_dir()  # a folder the user made is never removed
+
+
 def test_bad_checkpoints(capsys, tmp_path):
     assert "not found" in _error(capsys, ["eval", str(tmp_path / "none.pt")])
     (tmp_path / "junk.pt").write_bytes(b"junk")

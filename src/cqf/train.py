@@ -218,6 +218,7 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
     (the EMA when `train.ema_halflife_kimg > 0`), in eval mode. Under torchrun (WORLD_SIZE > 1) every rank
     calls this; see `cqf.distributed`."""
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
@@ -226,6 +227,11 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
             model = _train(cfg, run_dir, data, progress)
         distributed.finish(synchronize=True)
         return model
+    except BaseException:
+        if created:  # a run that failed before writing anything (bad data, bad options) leaves no empty folder
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
     finally:
         distributed.finish()
 
