@@ -461,6 +461,9 @@ def _lsun_bedroom64(root: Path, argument: str, image_size: int) -> tuple:
 
     Read from `bedroom_train_lmdb/` (LSUN's LMDB export, values are encoded WebP/JPEG images, keys sorted), else
     from `bedroom_train/`, a folder of its images (LSUN's `data.py export`), sorted by relative path.
+    Not through torchvision's `LSUN`: it pickles the key list into a `_cache_*` file in the current working
+    directory and loads any such file it finds there, stale or not; the LMDB is read here with the same `lmdb`
+    calls, and the decoded images are cached in the data root like every other data set.
     """
     size = _size("lsun-bedroom64", image_size, 64)
     database, images = root / "bedroom_train_lmdb", root / "bedroom_train"
