@@ -353,6 +353,16 @@ def test_nvp_trains_samples_and_evaluates_through_the_cli(tmp_path, digits, caps
     assert "exact" in bpd["estimators"]
     table = capsys.readouterr().out
     assert "bits/dim test, exact" in table and "IWAE" not in table and "ELBO" not in table
+    main(["sample", str(run / "model.safetensors"), "-n", "4", "--out", str(tmp_path / "files")])
+    capsys.readouterr()
+    for argv in (["sample", str(run / "model.safetensors"), "--no-noise", "--out", str(tmp_path / "x.png")],
+                 ["eval", str(run / "model.safetensors"), "--metrics", "bpd", "--no-noise"],
+                 ["eval", str(tmp_path / "files"), "--data", "digits", "--no-noise"]):
+        with pytest.raises(SystemExit) as exit_info:  # NVP samples (and image files) have no decoder noise
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code != 0 and err.startswith("cqf: error: --no-noise") and "\n" not in err, err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_nvp_refuses_what_makes_no_sense():

@@ -156,7 +156,7 @@ def _eval(args) -> None:
 
 def _sample(args) -> None:
     from .checkpoint import load
-    from .quality import save_samples
+    from .quality import check_no_noise, save_samples
     from .run import resolve_device
 
     if args.num < 1:
@@ -164,8 +164,10 @@ def _sample(args) -> None:
     if not 0 <= args.seed < 2**32:
         raise CQFError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     resolve_device(args.device, "--device")
-    out = save_samples(load(args.checkpoint, args.device).model, args.num, args.out, args.seed,
-                       noise=not args.no_noise)
+    loaded = load(args.checkpoint, args.device)
+    if args.no_noise:
+        check_no_noise(loaded.config.variant)
+    out = save_samples(loaded.model, args.num, args.out, args.seed, noise=not args.no_noise)
     print(f"{args.num} samples written to {out}")
 
 

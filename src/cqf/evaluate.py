@@ -36,7 +36,7 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
         be built (then the other results are still there).
     """
     from .likelihood import checkpoint_bits_per_dim
-    from .quality import default_metrics
+    from .quality import check_no_noise, default_metrics
     from .run import resolve_device
 
     cfg = dataclasses.replace(config or EvalConfig(), **fields)
@@ -44,6 +44,8 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
     source = Path(source)
     kind = _source_kind(source)
     loaded: LoadedModel | None = load(source, device=cfg.device) if kind == "checkpoint" else None
+    if not cfg.sample_noise:
+        check_no_noise(loaded.config.variant if loaded is not None else None)
     if loaded is None and not cfg.data:
         raise CQFError("images given without a data set: add --data NAME (the reference images)")
     # The training split excludes the validation slice the model's run held out (the default one for images).

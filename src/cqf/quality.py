@@ -29,6 +29,7 @@ __all__ = [
     "fixed_subset",
     "inception_fits",
     "neighbours_grid",
+    "check_no_noise",
     "reference_features",
     "decoder_noise_share",
     "sample_images",
@@ -113,6 +114,18 @@ def decoder_noise_share(model, num: int = 1000, batch_size: int = 250, seed: int
     noise = sums["noise"] / num
     return {"total": total, "noise": noise, "means": means, "noise_share": noise / total,
             "sigma_levels": sums["sigma"] / num * model.levels / 2, "num_samples": num, "seed": seed}
+
+
+def check_no_noise(variant: str | None) -> None:
+    """`--no-noise` asks for f^-1(mu(z)) without a VAE's decoder noise; refused where there is none to remove:
+    images given as files (`variant` None), a GAN (deterministic generator), the NVP baseline (f^-1(eps))."""
+    if variant is None:
+        raise CQFError("--no-noise changes how a checkpoint is sampled; images given as files are what they are: "
+                       "drop --no-noise")
+    if variant in ("GAN", "NVP"):
+        what = "its generator is deterministic" if variant == "GAN" else "its samples are f^-1(eps), eps ~ N(0, I)"
+        raise CQFError(f"--no-noise removes a VAE's decoder noise; a {variant} model has none ({what}): "
+                       "drop --no-noise")
 
 
 def save_samples(model: ImageModel, num: int, out: str | Path, seed: int = 0, noise: bool = True) -> Path:
