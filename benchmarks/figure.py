@@ -20,6 +20,7 @@ from cqf.data import dequantize, load_dataset, to_unit
 from cqf.errors import CQFError
 from cqf.images import save_grid
 from cqf.models import DensityModel
+from cqf.quality import check_no_noise
 
 
 def blocks(loaded: checkpoint.LoadedModel, x_int: torch.Tensor, num: int, noise: bool,
@@ -66,6 +67,8 @@ def main() -> None:
         parser.error("--rows and --cols must be at least 1")
     try:
         loaded = checkpoint.load(args.checkpoint)
+        if args.no_noise:
+            check_no_noise(loaded.config.variant)
         data = load_dataset(args.data or loaded.data_name, loaded.config.data.root, val_size=0,
                             image_size=loaded.config.data.image_size)
     except CQFError as err:

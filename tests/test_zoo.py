@@ -4,6 +4,7 @@ Training and exact resume of each option: tests/test_train.py (ZOO); the flows' 
 tests/test_flows.py; the bundled configs: tests/test_adversarial.py.
 """
 
+import dataclasses
 import json
 import math
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cqf import checkpoint, iaf, losses, nets, resnets
-from cqf.config import Config, DataConfig, ModelConfig, TrainConfig, to_dict
+from cqf.config import Config, DataConfig, ModelConfig, TrainConfig, check_new_training, from_dict, to_dict
 from cqf.errors import ConfigError
 from cqf.models import DECODERS, ENCODERS, Generator, build_encoder, build_model
 from cqf.nvp import NVP
@@ -255,18 +256,37 @@ def test_large_discriminator_is_wider_and_deeper():
                                                  train=TrainConfig(quality_weight=1.0)), (1, 8, 8))) == (64, 4)
 
 
+def _train_config(**model) -> Config:
+    return Config(model=ModelConfig(**model), train=TrainConfig(quality_weight=1.0))
+
+
 def test_large_discriminator_preset_is_refused_where_both_sizes_override_it():
     """`--set model.disc_size=large` on a config that fixes D's width and depth would build the base D."""
-    with pytest.raises(ConfigError, match="disc_size=large has no effect .* --set model.disc_channels=0"):
-        ModelConfig(disc_size="large", disc_channels=128, disc_blocks=4)
-    ModelConfig(disc_size="large", disc_channels=64)  # one size given: the preset still sets the other
-    ModelConfig(disc_size="base", disc_channels=128, disc_blocks=4)
+    ignored = _train_config(disc_size="large", disc_channels=128, disc_blocks=4)
+    with pytest.raises(ConfigError, match="disc_size=large has no effect .* --set model.disc_channels=0 .* "
+                                          "--set model.disc_size=base"):
+        check_new_training(ignored)
+    check_new_training(_train_config(disc_size="large", disc_channels=64))  # the preset still sets the depth
+    check_new_training(_train_config(disc_size="base", disc_channels=128, disc_blocks=4))
+    check_new_training(dataclasses.replace(ignored, train=TrainConfig(quality_weight=0.0)))  # no D at all
+    assert from_dict(Config, to_dict(ignored)) == ignored  # a checkpoint made with it still loads
 
 
 def test_residual_conditioner_without_a_flow_is_refused():
+    ignored = _train_config(flow_couplings=0, flow_blocks=2)
     with pytest.raises(ConfigError, match="flow_blocks=2 shapes the flow's couplings, and there is no flow"):
-        ModelConfig(flow_couplings=0, flow_blocks=2)
-    ModelConfig(flow_couplings=1, flow_blocks=2)
+        check_new_training(ignored)
+    check_new_training(_train_config(flow_couplings=1, flow_blocks=2))
+    assert from_dict(Config, to_dict(ignored)) == ignored
+
+
+def test_training_refuses_ignored_options_before_making_the_run_folder(tmp_path, digits):
+    from cqf.train import train
+
+    cfg = tiny_config({"flow_couplings": 0, "flow_blocks": 1}, steps=1)
+    with pytest.raises(ConfigError, match="no flow"):
+        train(cfg, tmp_path / "run", data=digits, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("size", [32, 48, 64])
@@ -363,6 +383,18 @@ def test_nvp_trains_samples_and_evaluates_through_the_cli(tmp_path, digits, caps
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code != 0 and err.startswith("cqf: error: --no-noise") and "\n" not in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_no_noise_is_refused_only_where_there_is_no_decoder_noise():
+    from cqf.errors import CQFError
+    from cqf.quality import check_no_noise
+
+    for variant in ("VAE", "VAE-F", "CQ", "CQ-F"):
+        check_no_noise(variant)
+    for variant, why in (("GAN", "generator is deterministic"), ("NVP", "f\\^-1\\(eps\\)"),
+                         (None, "images given as files")):
+        with pytest.raises(CQFError, match=f"^--no-noise .*{why}.*drop --no-noise$"):
+            check_no_noise(variant)
 
 
 def test_nvp_refuses_what_makes_no_sense():

@@ -24,6 +24,7 @@ __all__ = [
     "TrainConfig",
     "bundled_configs",
     "check_device",
+    "check_new_training",
     "from_dict",
     "load_config",
     "to_dict",
@@ -120,9 +121,7 @@ class ModelConfig:
             (self.flow_scales == 1 or self.flow_couplings > 0,
              f"model.flow_scales={self.flow_scales} needs a flow: set model.flow_couplings > 0, or flow_scales=1"),
             (self.flow_blocks >= 0, f"model.flow_blocks must be >= 0 (0 = plain conditioner), got {self.flow_blocks}"),
-            (self.flow_blocks == 0 or self.flow_couplings > 0,
-             f"model.flow_blocks={self.flow_blocks} shapes the flow's couplings, and there is no flow: set "
-             "model.flow_couplings > 0, or model.flow_blocks=0"),
+
             (self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"),
             (self.iaf_steps >= 0, f"model.iaf_steps must be >= 0 (0 = Gaussian posterior), got {self.iaf_steps}"),
             (self.iaf_context >= 0, f"model.iaf_context must be >= 0, got {self.iaf_context}"),
@@ -140,10 +139,6 @@ class ModelConfig:
                                       f"{self.disc_channels}"),
             (self.disc_blocks >= 0,
              f"model.disc_blocks must be >= 0 (0 = from the image size), got {self.disc_blocks}"),
-            (self.disc_size == "base" or not (self.disc_channels and self.disc_blocks),
-             f"model.disc_size={self.disc_size} has no effect with model.disc_channels={self.disc_channels} and "
-             f"model.disc_blocks={self.disc_blocks} both set: add --set model.disc_channels=0 --set "
-             "model.disc_blocks=0 for the preset's D"),
         ])
 
 
@@ -248,6 +243,21 @@ class TrainConfig:
     def augment_policy(self) -> tuple[str, ...]:
         """`augment` as a tuple of transform names (cqf.augment), empty for none."""
         return tuple(name.strip() for name in self.augment.split(",") if name.strip())
+
+
+def check_new_training(cfg: Config) -> None:
+    """Options that a run would silently ignore, refused when training starts or resumes (`cqf.train.train`),
+    not when a checkpoint is read: runs made before these checks existed still load, sample and evaluate."""
+    m = cfg.model
+    _require([
+        (m.flow_blocks == 0 or m.flow_couplings > 0,
+         f"model.flow_blocks={m.flow_blocks} shapes the flow's couplings, and there is no flow: set "
+         "model.flow_couplings > 0, or model.flow_blocks=0"),
+        (m.disc_size == "base" or not (m.disc_channels and m.disc_blocks) or not cfg.has_discriminator,
+         f"model.disc_size={m.disc_size} has no effect with model.disc_channels={m.disc_channels} and "
+         f"model.disc_blocks={m.disc_blocks} both set: add --set model.disc_channels=0 --set model.disc_blocks=0 "
+         "for the preset's D, or --set model.disc_size=base to keep this D (a run begun with it)"),
+    ])
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import yaml
 from torch import Tensor, nn
 
 from . import checkpoint, distributed
-from .config import Config, to_dict
+from .config import Config, check_new_training, to_dict
 from .data import ImageData, dequantize, load_dataset, to_unit
 from .errors import TrainingError
 from .images import save_grid
@@ -217,8 +217,9 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
     """Train (or resume from the newest checkpoint in run_dir) and return the model used for evaluation
     (the EMA when `train.ema_halflife_kimg > 0`), in eval mode. Under torchrun (WORLD_SIZE > 1) every rank
     calls this; see `cqf.distributed`."""
+    check_new_training(cfg)
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # innermost first
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
@@ -228,9 +229,9 @@ def train(cfg: Config, run_dir: str | Path, data: ImageData | None = None, progr
         distributed.finish(synchronize=True)
         return model
     except BaseException:
-        if created:  # a run that failed before writing anything (bad data, bad options) leaves no empty folder
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+        with contextlib.suppress(OSError):  # a run that failed before writing anything leaves no empty folder
+            for folder in created:  # (only those made here; rmdir stops at the first that is not empty)
+                folder.rmdir()
         raise
     finally:
         distributed.finish()
