@@ -84,8 +84,7 @@ def main() -> None:
     for name in args.configs.split(","):
         r = measure(name, args.device, args.steps)
         print(f"| {r['config']} | {r['variant']} | {r['side']} | {r['encoder']:.2f} | {r['decoder']:.2f} | "
-              f"{r['flow']:.2f} | "
-              f"{r['disc']:.2f} | {r['s_per_step']:.2f} |", flush=True)
+              f"{r['flow']:.2f} | {r['disc']:.2f} | {r['s_per_step']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,6 @@ class ModelConfig:
             (self.flow_scales == 1 or self.flow_couplings > 0,
              f"model.flow_scales={self.flow_scales} needs a flow: set model.flow_couplings > 0, or flow_scales=1"),
             (self.flow_blocks >= 0, f"model.flow_blocks must be >= 0 (0 = plain conditioner), got {self.flow_blocks}"),
-
             (self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"),
             (self.iaf_steps >= 0, f"model.iaf_steps must be >= 0 (0 = Gaussian posterior), got {self.iaf_steps}"),
             (self.iaf_context >= 0, f"model.iaf_context must be >= 0, got {self.iaf_context}"),
