@@ -104,6 +104,45 @@ def test_quality_sigma_false_needs_a_hybrid():
         Config(train=TrainConfig(quality_weight=0.0, quality_sigma=False))
 
 
+@pytest.mark.parametrize("balance", ["fixed", "adaptive"])
+def test_quality_decoder_false_lets_l_q_reach_the_flow_alone(balance):
+    """train.quality_decoder=false: L_Q's part of the gradient is zero on every decoder (and encoder) parameter
+    and non-zero on every flow parameter."""
+    _, model, disc = build("CQ-F")
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0, quality_decoder=False)
+    both, _ = _gradients(model, disc, tc, 1.0, x)
+    coverage_only, _ = _gradients(model, disc, tc, 0.0, x)
+    flow = [n for n in both if n.startswith("likelihood.flow.")]
+    assert flow
+    for name in both:
+        part = (both[name] - coverage_only[name]).abs().max()
+        scale = coverage_only[name].abs().max()
+        assert part > 1e-6 * scale if name in flow else part <= 1e-12 * scale, name
+
+
+def test_quality_decoder_false_balances_the_adaptive_weight_on_the_flow():
+    """With L_Q reaching only the flow the adaptive weight matches the two losses' gradient norms on all of the
+    flow's parameters (the decoder's output layer gets no L_Q gradient to balance)."""
+    _, model, disc = build("CQ-F")
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    tc = TrainConfig(quality_weight=1.0, balance="adaptive", grad_clip=0.0, quality_decoder=False)
+    _, stats = _gradients(model, disc, tc, 1.0, x)
+    torch.manual_seed(3)
+    loss_c = -model.elbo(x).elbo.mean()
+    loss_q = -disc(model.sample(6)).mean()
+    flow = list(model.likelihood.flow.parameters())
+    weighted = stats["quality_weight_effective"] * _autograd_norm(loss_q, flow)
+    torch.testing.assert_close(weighted, _autograd_norm(loss_c, flow), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("name", ["VAE-F", "CQ", "GAN"])
+def test_quality_decoder_false_needs_a_hybrid_with_a_flow(name):
+    cfg = variant_config(name)
+    with pytest.raises(cqf_config.ConfigError, match="quality_decoder"):
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, quality_decoder=False))
+
+
 def _last(model) -> str:
     """The parameter name of the decoder's output-layer weight."""
     return next(n for n, p in model.named_parameters() if p is model.decoder.last.weight)

@@ -163,6 +163,7 @@ class TrainConfig:
     quality_batch_size: int = 0  # L_Q's samples and D's real/generated images per step; 0 = batch_size (at most
     # the training set, as the batch); not for a GAN, whose batch is batch_size
     quality_sigma: bool = True  # L_Q's gradient passes through the decoder's sigma; False: none does (docs)
+    quality_decoder: bool = True  # L_Q's gradient reaches the decoder (mu, sigma); False: only the flow (docs)
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
@@ -277,6 +278,11 @@ class Config:
             raise ConfigError("train.quality_sigma=false keeps L_Q's gradient from the decoder's sigma: it needs a "
                               "hybrid (train.quality_weight > 0 and train.coverage_weight > 0); remove "
                               "train.quality_sigma=false")
+        if not self.train.quality_decoder and (self.is_gan or not self.has_discriminator
+                                               or self.model.flow_couplings == 0):
+            raise ConfigError("train.quality_decoder=false lets L_Q's gradient reach only the flow: it needs a "
+                              "hybrid with a flow (train.quality_weight > 0, train.coverage_weight > 0, "
+                              "model.flow_couplings > 0); remove train.quality_decoder=false")
         if self.is_gan and self.train.quality_batch != self.train.batch_size:
             raise ConfigError("a GAN's batch is train.batch_size (it has no L_C batch to keep apart): set "
                               "train.batch_size instead of train.quality_batch_size")

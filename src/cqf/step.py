@@ -119,17 +119,27 @@ def adaptive_weight(norm_coverage: Tensor, norm_quality: Tensor, quality_weight:
     return (quality_weight * norm_coverage / (norm_quality + eps)).clamp(0, max_weight).detach()
 
 
+def adaptive_reference(model: nn.Module, tc: TrainConfig) -> list[nn.Parameter]:
+    """The parameters whose gradient norms set the adaptive weight: the decoder's output layer, or, when L_Q
+    reaches only the flow (`train.quality_decoder=false`), all of the flow's parameters."""
+    if tc.quality_decoder:
+        return [model.decoder.last.weight]
+    return [p for p in model.likelihood.flow.parameters() if p.requires_grad]
+
+
 def generating_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters both losses reach: the decoder and the flow (not the encoder, which L_Q never sees)."""
     return [p for name, p in model.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
 
 
 def generator_forward(model: nn.Module, x: Tensor | None, num_samples: int, batched: bool = True,
-                      sigma_grad: bool = True) -> tuple[ElboTerms | None, Tensor | None]:
+                      sigma_grad: bool = True, decoder_grad: bool = True) -> tuple[ElboTerms | None, Tensor | None]:
     """The model's half of a step: ELBO terms of `x` (None: no L_C) and `num_samples` samples with their graph
     (0: no L_Q), with one decoder call for both unless `batched` is False (`VAE.elbo_and_sample`).
-    `sigma_grad=False` (`train.quality_sigma`): the samples' graph does not reach the decoder's sigma."""
-    kwargs = {} if sigma_grad else {"sigma_grad": False}  # the GAN and NVP models have no sigma to detach
+    `sigma_grad=False` (`train.quality_sigma`): the samples' graph does not reach the decoder's sigma;
+    `decoder_grad=False` (`train.quality_decoder`): it reaches neither mu nor sigma, only the flow."""
+    kwargs = {k: False for k, v in (("sigma_grad", sigma_grad), ("decoder_grad", decoder_grad)) if not v}
+    # (the GAN and NVP models have no decoder noise to detach: only non-default switches are passed)
     if x is not None and num_samples:
         return model.elbo_and_sample(x, num_samples, batched=batched, **kwargs)
     if x is not None:
@@ -166,7 +176,7 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
         with autocast(x.device, tc.precision):
             forward = generator_forward(model, x if tc.coverage_weight > 0 else None,
                                         x.shape[0] if adversarial else 0, batched=not losses_apart(tc, measure),
-                                        sigma_grad=tc.quality_sigma)
+                                        sigma_grad=tc.quality_sigma, decoder_grad=tc.quality_decoder)
     terms, fake = forward
     stats, loss_coverage, loss_quality = {}, None, None
     coverage_scale = tc.coverage_weight / (math.prod(x.shape[1:]) * math.log(2) if tc.balance == "per_dim" else 1)
@@ -214,8 +224,9 @@ def _backward_apart(model: nn.Module, loss_coverage: Tensor, loss_quality: Tenso
     stats = {}
     weight = torch.as_tensor(quality_weight, dtype=loss_quality.dtype, device=loss_quality.device)
     if tc.balance == "adaptive":
-        last = model.decoder.last.weight
-        weight = adaptive_weight(grad_norm([by_param[last]]), grad_norm([grads_q[_index(shared, last)]]),
+        reference = adaptive_reference(model, tc)
+        weight = adaptive_weight(grad_norm([by_param[p] for p in reference]),
+                                 grad_norm([grads_q[_index(shared, p)] for p in reference]),
                                  quality_weight, tc.quality_weight_max)
     if measure:  # before the sum below, which reuses L_C's gradient tensors
         stats["grad_norm_coverage"] = grad_norm([by_param[p] for p in shared]) / coverage_scale
@@ -285,7 +296,8 @@ def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
     num_fake = distributed.local_rows(min(tc.quality_batch, num_train))  # as many as the D step's real images
     with autocast(run.device, tc.precision):
         forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, num_fake if adversarial else 0,
-                                    batched=not losses_apart(tc, measure), sigma_grad=tc.quality_sigma)
+                                    batched=not losses_apart(tc, measure), sigma_grad=tc.quality_sigma,
+                                    decoder_grad=tc.quality_decoder)
     if adversarial:
         for i in range(tc.d_steps):
             idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.quality_batch, cfg.seed + 1)
