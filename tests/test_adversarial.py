@@ -139,8 +139,27 @@ def test_quality_decoder_false_balances_the_adaptive_weight_on_the_flow():
 @pytest.mark.parametrize("name", ["VAE-F", "CQ", "GAN"])
 def test_quality_decoder_false_needs_a_hybrid_with_a_flow(name):
     cfg = variant_config(name)
-    with pytest.raises(cqf_config.ConfigError, match="quality_decoder"):
+    with pytest.raises(cqf_config.ConfigError, match=f"quality_decoder.*this config is {name}"):
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, quality_decoder=False))
+    cq_f = variant_config("CQ-F")
+    with pytest.raises(cqf_config.ConfigError, match="quality_sigma=false has no effect"):
+        dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, quality_sigma=False))
+
+
+@pytest.mark.parametrize("switch", ["quality_sigma", "quality_decoder"])
+def test_the_training_step_passes_the_routing_switches_on(monkeypatch, digits, tmp_path, switch):
+    """The training step (which makes the forward it shares with the D step) hands `train.quality_sigma` and
+    `train.quality_decoder` to the model's sampler, not only `generator_step` when called alone."""
+    from cqf import step
+    from cqf.run import build_run
+
+    seen = []
+    original = step.generator_forward
+    monkeypatch.setattr(step, "generator_forward", lambda *a, **k: seen.append(k) or original(*a, **k))
+    cfg = tiny_config(steps=1, warmup_steps=0, quality_weight=1.0, **{switch: False})
+    step.training_step(build_run(cfg, digits, tmp_path), digits)
+    key = {"quality_sigma": "sigma_grad", "quality_decoder": "decoder_grad"}[switch]
+    assert seen and all(k.get(key, True) is False for k in seen)
 
 
 def _last(model) -> str:

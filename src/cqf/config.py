@@ -280,9 +280,13 @@ class Config:
                               "train.quality_sigma=false")
         if not self.train.quality_decoder and (self.is_gan or not self.has_discriminator
                                                or self.model.flow_couplings == 0):
-            raise ConfigError("train.quality_decoder=false lets L_Q's gradient reach only the flow: it needs a "
-                              "hybrid with a flow (train.quality_weight > 0, train.coverage_weight > 0, "
-                              "model.flow_couplings > 0); remove train.quality_decoder=false")
+            raise ConfigError(f"train.quality_decoder=false lets L_Q's gradient reach only the flow: it needs a "
+                              f"hybrid with a flow (train.quality_weight > 0, train.coverage_weight > 0, "
+                              f"model.flow_couplings > 0), this config is {self.variant}; remove "
+                              f"train.quality_decoder=false")
+        if not self.train.quality_decoder and not self.train.quality_sigma:
+            raise ConfigError("train.quality_sigma=false has no effect with train.quality_decoder=false (L_Q "
+                              "reaches neither mu nor sigma): remove train.quality_sigma=false")
         if self.is_gan and self.train.quality_batch != self.train.batch_size:
             raise ConfigError("a GAN's batch is train.batch_size (it has no L_C batch to keep apart): set "
                               "train.batch_size instead of train.quality_batch_size")

@@ -25,6 +25,7 @@ from .run import Run
 from .schedule import ema_beta, quality_weight_at
 
 __all__ = [
+    "adaptive_reference",
     "adaptive_weight",
     "autocast",
     "discriminator_step",
@@ -112,9 +113,10 @@ def adaptive_weight(norm_coverage: Tensor, norm_quality: Tensor, quality_weight:
                     eps: float = ADAPTIVE_EPS) -> Tensor:
     """w = lambda ||grad_W L_C|| / (||grad_W L_Q|| + eps), clamped to [0, max_weight] and detached.
 
-    `W` is the decoder's output layer: with lambda = 1 the adversarial gradient there has the norm of the
-    likelihood's (the adaptive weight of VQGAN and of latent-diffusion autoencoders). The training step gives
-    the two norms from the losses' full gradients, which it needs anyway (`generator_step`).
+    `W` is the decoder's output layer, or the flow's parameters when L_Q reaches only the flow
+    (`adaptive_reference`): with lambda = 1 the adversarial gradient there has the norm of the likelihood's
+    (the adaptive weight of VQGAN and of latent-diffusion autoencoders). The training step gives the two norms
+    from the losses' full gradients, which it needs anyway (`generator_step`).
     """
     return (quality_weight * norm_coverage / (norm_quality + eps)).clamp(0, max_weight).detach()
 
@@ -161,7 +163,7 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
 
         fixed:     coverage_weight * L_C + lambda * L_Q            (nats per image; the paper's setting at lambda 1)
         per_dim:   coverage_weight * L_C / (D ln 2) + lambda * L_Q (L_C in bits/dim)
-        adaptive:  coverage_weight * L_C + w * L_Q, w = `adaptive_weight` on the decoder's output layer
+        adaptive:  coverage_weight * L_C + w * L_Q, w = `adaptive_weight` on `adaptive_reference`
 
     `quality_weight` is lambda at this step (0 during the warm-up). `forward` is `generator_forward`'s result
     when the step already made it (the training step shares its samples with the D step), made with
