@@ -164,6 +164,7 @@ class TrainConfig:
     # the training set, as the batch); not for a GAN, whose batch is batch_size
     quality_sigma: bool = True  # L_Q's gradient passes through the decoder's sigma; False: none does (docs)
     quality_decoder: bool = True  # L_Q's gradient reaches the decoder (mu, sigma); False: only the flow (docs)
+    quality_flow: bool = True  # L_Q's gradient reaches the flow's parameters; False: only the decoder's (docs)
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
@@ -284,6 +285,15 @@ class Config:
                               f"hybrid with a flow (train.quality_weight > 0, train.coverage_weight > 0, "
                               f"model.flow_couplings > 0), this config is {self.variant}; remove "
                               f"train.quality_decoder=false")
+        if not self.train.quality_flow and (self.is_gan or not self.has_discriminator
+                                            or self.model.flow_couplings == 0):
+            raise ConfigError(f"train.quality_flow=false keeps L_Q's gradient from the flow's parameters: it needs a "
+                              f"hybrid with a flow (train.quality_weight > 0, train.coverage_weight > 0, "
+                              f"model.flow_couplings > 0), this config is {self.variant}; remove "
+                              f"train.quality_flow=false")
+        if not self.train.quality_flow and not self.train.quality_decoder:
+            raise ConfigError("train.quality_flow=false with train.quality_decoder=false leaves L_Q nothing to "
+                              "train: remove one of them")
         if not self.train.quality_decoder and not self.train.quality_sigma:
             raise ConfigError("train.quality_sigma=false has no effect with train.quality_decoder=false (L_Q "
                               "reaches neither mu nor sigma): remove train.quality_sigma=false")

@@ -36,6 +36,7 @@ __all__ = [
     "generator_step",
     "grad_norm",
     "losses_apart",
+    "quality_parameters",
     "training_step",
 ]
 
@@ -134,6 +135,16 @@ def generating_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
 
 
+def quality_parameters(model: nn.Module, tc: TrainConfig) -> list[nn.Parameter]:
+    """The parameters L_Q's gradient is taken for: `generating_parameters`, less the flow's with
+    `train.quality_flow=false` (the samples still pass through f^-1, whose parameters then get L_C's gradient
+    only). With `train.quality_decoder=false` the decoder's are listed but get none: the samples' graph is cut."""
+    if tc.quality_flow:
+        return generating_parameters(model)
+    flow = {id(p) for p in model.likelihood.flow.parameters()}
+    return [p for p in generating_parameters(model) if id(p) not in flow]
+
+
 def generator_forward(model: nn.Module, x: Tensor | None, num_samples: int, batched: bool = True,
                       sigma_grad: bool = True, decoder_grad: bool = True) -> tuple[ElboTerms | None, Tensor | None]:
     """The model's half of a step: ELBO terms of `x` (None: no L_C) and `num_samples` samples with their graph
@@ -150,10 +161,11 @@ def generator_forward(model: nn.Module, x: Tensor | None, num_samples: int, batc
 
 
 def losses_apart(tc: TrainConfig, measure: bool) -> bool:
-    """Whether L_C and L_Q are differentiated apart, one backward pass each: the adaptive weight and the logged
-    gradient norms need their gradients separately. The forward is then made with two decoder calls
-    (`generator_forward(batched=False)`), so that neither backward runs through the other loss's half."""
-    return tc.balance == "adaptive" or measure
+    """Whether L_C and L_Q are differentiated apart, one backward pass each: the adaptive weight, the logged
+    gradient norms and `train.quality_flow=false` (L_Q's gradient for some parameters only) need them apart.
+    The forward is then made with two decoder calls (`generator_forward(batched=False)`), so that neither
+    backward runs through the other loss's half."""
+    return tc.balance == "adaptive" or measure or not tc.quality_flow
 
 
 def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Optimizer, x: Tensor,
@@ -217,9 +229,9 @@ def _backward_apart(model: nn.Module, loss_coverage: Tensor, loss_quality: Tenso
     (L_C's in nats per image: without `coverage_scale`, the per-dim scale and coverage_weight). The forward was
     made unbatched for this path, so nothing is retained between the passes (compiled networks require it)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    shared = generating_parameters(model)
+    shared, reached = generating_parameters(model), quality_parameters(model, tc)
     grads_c = torch.autograd.grad(loss_coverage, params, allow_unused=True)
-    grads_q = torch.autograd.grad(loss_quality, shared, allow_unused=True)
+    grads_q = torch.autograd.grad(loss_quality, reached, allow_unused=True)
     averaged = distributed.average_gradients([*grads_c, *grads_q])
     grads_c, grads_q = averaged[: len(grads_c)], averaged[len(grads_c) :]
     by_param = dict(zip(params, grads_c, strict=True))
@@ -228,14 +240,14 @@ def _backward_apart(model: nn.Module, loss_coverage: Tensor, loss_quality: Tenso
     if tc.balance == "adaptive":
         reference = adaptive_reference(model, tc)
         weight = adaptive_weight(grad_norm([by_param[p] for p in reference]),
-                                 grad_norm([grads_q[_index(shared, p)] for p in reference]),
+                                 grad_norm([grads_q[_index(reached, p)] for p in reference]),
                                  quality_weight, tc.quality_weight_max)
     if measure:  # before the sum below, which reuses L_C's gradient tensors
         stats["grad_norm_coverage"] = grad_norm([by_param[p] for p in shared]) / coverage_scale
         stats["grad_norm_quality"] = grad_norm(grads_q)
     for p, g in zip(params, grads_c, strict=True):
         p.grad = _layout_of(p, g)
-    for p, g in zip(shared, grads_q, strict=True):
+    for p, g in zip(reached, grads_q, strict=True):
         if g is not None:
             p.grad = _layout_of(p, weight * g) if p.grad is None else p.grad.add_(weight * g)
     return stats | {"quality_weight_effective": weight / coverage_scale}
