@@ -105,20 +105,22 @@ def test_quality_sigma_false_needs_a_hybrid():
 
 
 @pytest.mark.parametrize("balance", ["fixed", "adaptive"])
-def test_quality_decoder_false_lets_l_q_reach_the_flow_alone(balance):
-    """train.quality_decoder=false: L_Q's part of the gradient is zero on every decoder (and encoder) parameter
-    and non-zero on every flow parameter."""
+@pytest.mark.parametrize("switch, reached", [("quality_decoder", "likelihood.flow."), ("quality_flow", "decoder.")])
+def test_the_routing_switches_let_l_q_reach_one_part_alone(balance, switch, reached):
+    """train.quality_decoder=false: L_Q's part of the gradient is non-zero on every flow parameter and zero on
+    every other (decoder, encoder); train.quality_flow=false: non-zero on every decoder parameter (sigma's output
+    rows included) and zero on every other (flow, encoder), under `fixed` too, whose sum would otherwise be
+    differentiated in one backward pass."""
     _, model, disc = build("CQ-F")
     x = torch.rand(6, *SHAPE) * 2 - 1
-    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0, quality_decoder=False)
+    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0, **{switch: False})
     both, _ = _gradients(model, disc, tc, 1.0, x)
     coverage_only, _ = _gradients(model, disc, tc, 0.0, x)
-    flow = [n for n in both if n.startswith("likelihood.flow.")]
-    assert flow
+    assert any(n.startswith(reached) for n in both)
     for name in both:
         part = (both[name] - coverage_only[name]).abs().max()
         scale = coverage_only[name].abs().max()
-        assert part > 1e-6 * scale if name in flow else part <= 1e-12 * scale, name
+        assert part > 1e-6 * scale if name.startswith(reached) else part <= 1e-12 * scale, name
 
 
 def test_quality_decoder_false_balances_the_adaptive_weight_on_the_flow():
@@ -136,42 +138,20 @@ def test_quality_decoder_false_balances_the_adaptive_weight_on_the_flow():
     torch.testing.assert_close(weighted, _autograd_norm(loss_c, flow), rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("balance", ["fixed", "adaptive"])
-def test_quality_flow_false_lets_l_q_reach_the_decoder_alone(balance):
-    """train.quality_flow=false: L_Q's part of the gradient is zero on every flow (and encoder) parameter and
-    non-zero on every decoder parameter, sigma's output rows included; under `fixed` too, whose sum would
-    otherwise be differentiated in one backward pass."""
-    _, model, disc = build("CQ-F")
-    x = torch.rand(6, *SHAPE) * 2 - 1
-    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0, quality_flow=False)
-    both, _ = _gradients(model, disc, tc, 1.0, x)
-    coverage_only, _ = _gradients(model, disc, tc, 0.0, x)
-    decoder = [n for n in both if n.startswith("decoder.")]
-    assert decoder
-    for name in both:
-        part = (both[name] - coverage_only[name]).abs().max()
-        scale = coverage_only[name].abs().max()
-        assert part > 1e-6 * scale if name in decoder else part <= 1e-12 * scale, name
-
-
+@pytest.mark.parametrize("switch", ["quality_decoder", "quality_flow"])
 @pytest.mark.parametrize("name", ["VAE-F", "CQ", "GAN"])
-def test_quality_flow_false_needs_a_hybrid_with_a_flow(name):
+def test_the_routing_switches_need_a_hybrid_with_a_flow(name, switch):
     cfg = variant_config(name)
-    with pytest.raises(cqf_config.ConfigError, match=f"quality_flow.*this config is {name}"):
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, quality_flow=False))
-    cq_f = variant_config("CQ-F")
-    with pytest.raises(cqf_config.ConfigError, match="nothing to train"):
-        dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, quality_flow=False))
+    with pytest.raises(cqf_config.ConfigError, match=f"{switch}.*this config is {name}"):
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{switch: False}))
 
 
-@pytest.mark.parametrize("name", ["VAE-F", "CQ", "GAN"])
-def test_quality_decoder_false_needs_a_hybrid_with_a_flow(name):
-    cfg = variant_config(name)
-    with pytest.raises(cqf_config.ConfigError, match=f"quality_decoder.*this config is {name}"):
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, quality_decoder=False))
+def test_the_routing_switches_refuse_empty_or_redundant_combinations():
     cq_f = variant_config("CQ-F")
     with pytest.raises(cqf_config.ConfigError, match="quality_sigma=false has no effect"):
         dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, quality_sigma=False))
+    with pytest.raises(cqf_config.ConfigError, match="nothing to train"):
+        dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, quality_flow=False))
 
 
 @pytest.mark.parametrize("switch", ["quality_sigma", "quality_decoder"])

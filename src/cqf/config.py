@@ -279,18 +279,13 @@ class Config:
             raise ConfigError("train.quality_sigma=false keeps L_Q's gradient from the decoder's sigma: it needs a "
                               "hybrid (train.quality_weight > 0 and train.coverage_weight > 0); remove "
                               "train.quality_sigma=false")
-        if not self.train.quality_decoder and (self.is_gan or not self.has_discriminator
-                                               or self.model.flow_couplings == 0):
-            raise ConfigError(f"train.quality_decoder=false lets L_Q's gradient reach only the flow: it needs a "
-                              f"hybrid with a flow (train.quality_weight > 0, train.coverage_weight > 0, "
-                              f"model.flow_couplings > 0), this config is {self.variant}; remove "
-                              f"train.quality_decoder=false")
-        if not self.train.quality_flow and (self.is_gan or not self.has_discriminator
-                                            or self.model.flow_couplings == 0):
-            raise ConfigError(f"train.quality_flow=false keeps L_Q's gradient from the flow's parameters: it needs a "
-                              f"hybrid with a flow (train.quality_weight > 0, train.coverage_weight > 0, "
-                              f"model.flow_couplings > 0), this config is {self.variant}; remove "
-                              f"train.quality_flow=false")
+        for switch, what in (("quality_decoder", "lets L_Q's gradient reach only the flow"),
+                             ("quality_flow", "keeps L_Q's gradient from the flow's parameters")):
+            if not getattr(self.train, switch) and (self.is_gan or not self.has_discriminator
+                                                    or self.model.flow_couplings == 0):
+                raise ConfigError(f"train.{switch}=false {what}: it needs a hybrid with a flow "
+                                  f"(train.quality_weight > 0, train.coverage_weight > 0, model.flow_couplings > 0), "
+                                  f"this config is {self.variant}; remove train.{switch}=false")
         if not self.train.quality_flow and not self.train.quality_decoder:
             raise ConfigError("train.quality_flow=false with train.quality_decoder=false leaves L_Q nothing to "
                               "train: remove one of them")
