@@ -151,6 +151,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 100.0  # max global gradient norm of the generator side; 0 = off
     coverage_weight: float = 1.0  # weight of L_C = -ELBO (nats per image)
+    free_nats: float = 0.0  # L_C's KL term is max(batch-mean KL, free_nats) in training (docs); 0 = the ELBO
     quality_weight: float = 0.0  # lambda, weight of L_Q (nats per image); > 0 adds a discriminator
     balance: str = "fixed"  # fixed: L_C + w L_Q | per_dim: L_C / (D ln 2) + w L_Q | adaptive (see cqf.step)
     quality_weight_max: float = 1e4  # clamp of the adaptive weight
@@ -195,6 +196,7 @@ class TrainConfig:
             _beta_pair("train.betas_d", self.betas_d),
             (self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
             (self.coverage_weight >= 0, f"train.coverage_weight must be >= 0, got {self.coverage_weight}"),
+            (self.free_nats >= 0, f"train.free_nats must be >= 0 nats per image (0 = off), got {self.free_nats}"),
             (self.quality_weight >= 0, f"train.quality_weight must be >= 0, got {self.quality_weight}"),
             (self.coverage_weight > 0 or self.quality_weight > 0,
              "train.coverage_weight and train.quality_weight are both 0: nothing to train"),
@@ -286,6 +288,10 @@ class Config:
                 raise ConfigError(f"train.{switch}=false {what}: it needs a hybrid with a flow "
                                   f"(train.quality_weight > 0, train.coverage_weight > 0, model.flow_couplings > 0), "
                                   f"this config is {self.variant}; remove train.{switch}=false")
+        if self.train.free_nats > 0 and (self.is_gan or self.model.latent_dim == 0):
+            raise ConfigError(f"train.free_nats={self.train.free_nats} frees part of the ELBO's KL term: it needs a "
+                              f"model with an encoder and L_C (VAE, VAE-F, CQ, CQ-F), this config is "
+                              f"{self.variant}; remove train.free_nats")
         if not self.train.quality_flow and not self.train.quality_decoder:
             raise ConfigError("train.quality_flow=false with train.quality_decoder=false leaves L_Q nothing to "
                               "train: remove one of them")

@@ -28,6 +28,7 @@ __all__ = [
     "adaptive_reference",
     "adaptive_weight",
     "autocast",
+    "coverage_nats",
     "discriminator_step",
     "ema_update",
     "frozen",
@@ -50,6 +51,16 @@ def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
         p_ema.lerp_(p, 1 - beta)
     for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)
+
+
+def coverage_nats(terms: ElboTerms, free_nats: float = 0.0) -> Tensor:
+    """L_C in nats per image: -ELBO summed over dimensions and averaged over the batch. With `free_nats` > 0
+    the KL term is max(batch-mean KL, free_nats) ("free bits", Kingma et al. 2016, on the whole latent): below
+    the threshold the KL has no gradient, so the encoder may carry up to `free_nats` per image at no cost
+    instead of collapsing onto the prior. Training objective only: bits/dim stay the true ELBO's."""
+    if free_nats <= 0:
+        return -terms.elbo.mean()
+    return -terms.log_px_z.mean() + terms.kl.mean().clamp(min=free_nats)
 
 
 @contextlib.contextmanager
@@ -195,7 +206,7 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
     stats, loss_coverage, loss_quality = {}, None, None
     coverage_scale = tc.coverage_weight / (math.prod(x.shape[1:]) * math.log(2) if tc.balance == "per_dim" else 1)
     if terms is not None:
-        nats = -terms.elbo.mean()  # summed over dimensions, averaged over the batch
+        nats = coverage_nats(terms, tc.free_nats)
         loss_coverage = coverage_scale * nats
         stats |= {"loss_coverage": nats.detach(), "bpd": model.bits_per_dim(terms.elbo.detach()).mean(),
                   "kl": terms.kl.detach().mean(), "sigma_at_floor": terms.sigma_at_floor}
