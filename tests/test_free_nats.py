@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from cqf import config as cqf_config
+from cqf import distributed
 from cqf.config import TrainConfig
+from cqf.models import ElboTerms
 from cqf.step import coverage_nats, generator_step, training_step
 
 from .conftest import tiny_config
@@ -37,17 +39,17 @@ def test_below_the_threshold_the_kl_has_no_gradient_and_above_it_the_elbo_is_unc
     kl = model.elbo(x).kl.mean().item()
     assert kl > 0
     plain, _ = _step(model, x, 0.0)
-    freed, _ = _step(model, x, 10 * kl)  # the batch's KL is below the threshold
-    below, _ = _step(model, x, 0.1 * kl)  # ... and above it
+    clamped, _ = _step(model, x, 10 * kl)  # the batch's KL is below the threshold
+    unclamped, _ = _step(model, x, 0.1 * kl)  # ... and above it
     reconstruction = _reconstruction_gradients(model, x)
     encoder_moved = False
     for n, grad in plain.items():
-        torch.testing.assert_close(freed[n], reconstruction[n], rtol=1e-10, atol=1e-12, msg=n)
-        torch.testing.assert_close(below[n], grad, rtol=1e-10, atol=1e-12, msg=n)
+        torch.testing.assert_close(clamped[n], reconstruction[n], rtol=1e-10, atol=1e-12, msg=n)
+        torch.testing.assert_close(unclamped[n], grad, rtol=1e-10, atol=1e-12, msg=n)
         if n.startswith("encoder."):
-            encoder_moved |= (freed[n] - grad).abs().max().item() > 1e-6 * grad.abs().max().item()
+            encoder_moved |= (clamped[n] - grad).abs().max().item() > 1e-6 * grad.abs().max().item()
         else:  # the KL depends on the encoder alone
-            torch.testing.assert_close(freed[n], grad, rtol=1e-10, atol=1e-12, msg=n)
+            torch.testing.assert_close(clamped[n], grad, rtol=1e-10, atol=1e-12, msg=n)
     assert encoder_moved
 
 
@@ -62,6 +64,17 @@ def test_bits_per_dim_stay_the_true_elbo_and_the_logged_loss_is_the_objective():
     assert freed["kl"].item() == pytest.approx(terms.kl.mean().item(), rel=1e-12)
     assert freed["loss_coverage"].item() == pytest.approx(-terms.log_px_z.mean().item() + 1e3, rel=1e-12)
     assert coverage_nats(terms).item() == pytest.approx(-terms.elbo.mean().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("other_rank_kl, kl_has_gradient", [(30.0, True), (5.0, False)])
+def test_under_torchrun_the_global_batch_decides_the_clamp(monkeypatch, other_rank_kl, kl_has_gradient):
+    """Two ranks, this one's KL (10) below the threshold (15): the global mean decides, as in one process."""
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=0, world=2))
+    monkeypatch.setattr(distributed, "sum_over_ranks", lambda v: v + other_rank_kl)
+    kl = torch.full((4,), 10.0, requires_grad=True)
+    terms = ElboTerms(torch.zeros(4), kl, torch.tensor(0.0))
+    coverage_nats(terms, free_nats=15.0).backward()
+    assert kl.grad.abs().sum().item() == (pytest.approx(1.0) if kl_has_gradient else 0.0)
 
 
 def test_the_training_step_trains_with_free_nats(digits, tmp_path):

@@ -57,10 +57,14 @@ def coverage_nats(terms: ElboTerms, free_nats: float = 0.0) -> Tensor:
     """L_C in nats per image: -ELBO summed over dimensions and averaged over the batch. With `free_nats` > 0
     the KL term is max(batch-mean KL, free_nats) ("free bits", Kingma et al. 2016, on the whole latent): below
     the threshold the KL has no gradient, so the encoder may carry up to `free_nats` per image at no cost
-    instead of collapsing onto the prior. Training objective only: bits/dim stay the true ELBO's."""
+    instead of collapsing onto the prior. Training objective only: bits/dim stay the true ELBO's. Under torchrun
+    the clamp is decided on the global batch's KL (one scalar all-reduce), so the averaged gradient is the
+    single-process run's."""
     if free_nats <= 0:
         return -terms.elbo.mean()
-    return -terms.log_px_z.mean() + terms.kl.mean().clamp(min=free_nats)
+    kl = terms.kl.mean()
+    global_kl = distributed.sum_over_ranks(kl.detach()) / distributed.context().world
+    return -terms.log_px_z.mean() + torch.where(global_kl > free_nats, kl, kl.new_tensor(free_nats))
 
 
 @contextlib.contextmanager
