@@ -9,24 +9,21 @@ from cqf import config as cqf_config
 from cqf import distributed
 from cqf.config import TrainConfig
 from cqf.models import ElboTerms
-from cqf.step import coverage_nats, generator_step, training_step
+from cqf.step import coverage_nats, training_step
 
 from .conftest import tiny_config
-from .test_adversarial import build, variant_config
+from .test_adversarial import _gradients, build, variant_config
 
 
 def _step(model, x, free_nats):
-    """One generator step's gradients (lr 0: nothing moves) and stats, with the same random draws every call."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    torch.manual_seed(5)
-    stats = generator_step(model, None, opt, x, TrainConfig(free_nats=free_nats, grad_clip=0.0), quality_weight=0.0)
-    return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
+    """One likelihood-only generator step's gradients and stats (`_gradients`: lr 0, the same draws every call)."""
+    return _gradients(model, None, TrainConfig(free_nats=free_nats, grad_clip=0.0), 0.0, x)
 
 
 def _reconstruction_gradients(model, x):
     """The gradient of -E[ln p(x|z)] alone (the KL left out), with the same draws as `_step`."""
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(5)
+    torch.manual_seed(3)  # `_gradients`' seed
     (-model.elbo(x).log_px_z.mean()).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -35,7 +32,7 @@ def _reconstruction_gradients(model, x):
 def test_below_the_threshold_the_kl_has_no_gradient_and_above_it_the_elbo_is_unchanged(name):
     _, model, _ = build(name)
     x = torch.rand(8, *model.image_shape) * 2 - 1
-    torch.manual_seed(5)
+    torch.manual_seed(3)
     kl = model.elbo(x).kl.mean().item()
     assert kl > 0
     plain, _ = _step(model, x, 0.0)
@@ -58,7 +55,7 @@ def test_bits_per_dim_stay_the_true_elbo_and_the_logged_loss_is_the_objective():
     x = torch.rand(8, *model.image_shape) * 2 - 1
     _, plain = _step(model, x, 0.0)
     _, freed = _step(model, x, 1e3)
-    torch.manual_seed(5)
+    torch.manual_seed(3)
     terms = model.elbo(x)
     assert freed["bpd"].item() == pytest.approx(plain["bpd"].item(), rel=1e-12)
     assert freed["kl"].item() == pytest.approx(terms.kl.mean().item(), rel=1e-12)
