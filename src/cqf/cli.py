@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="cpu")
     sample.add_argument("--no-noise", action="store_true",
                         help="f^-1(mu(z)) without the decoder noise (a diagnostic; the model's samples keep it)")
+    sample.add_argument("--temperature", type=float, default=1.0,
+                        help="sample the model with its decoder sigma times T (NVP: base noise times T) [1]")
 
     ev = commands.add_parser("eval", help="evaluate a checkpoint, image folder or .npz: bits/dim and sample metrics")
     ev.add_argument("source", type=Path, help="ckpt-*.pt / model.safetensors, a folder of PNGs, or an .npz")
@@ -68,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-noise", action="store_true",
                     help="sample f^-1(mu(z)) without the decoder noise: a diagnostic of what the noise costs, not "
                          "the protocol's samples")
+    ev.add_argument("--temperature", type=float, default=1.0,
+                    help="score the tempered model: decoder sigma times T (NVP: base N(0, T^2 I)), for bits/dim "
+                         "and samples alike; a diagnostic, not the protocol [1]")
     ev.add_argument("--neighbours", type=Path, default=None, help="PNG: samples beside their nearest real images")
     ev.add_argument("--npz-key", default=None, help="array of an .npz source [x, samples, images, arr_0, x_test]")
     ev.add_argument("--seed", type=int, default=EVAL.seed)
@@ -138,7 +143,7 @@ def _eval(args) -> None:
         gan_bpd_steps=args.gan_bpd_steps if args.gan_bpd else 0, seed=args.seed, batch_size=args.batch_size,
         device=args.device, npz_key=args.npz_key or "", neighbours=str(args.neighbours or ""),
         cache_dir=str(args.cache_dir or default_root() / "features"), max_images=args.max_images,
-        sample_noise=not args.no_noise,
+        sample_noise=not args.no_noise, temperature=args.temperature,
         progress=not args.quiet,
     )
     result = evaluate(args.source, config)
@@ -156,6 +161,7 @@ def _eval(args) -> None:
 
 def _sample(args) -> None:
     from .checkpoint import load
+    from .models import tempered
     from .quality import check_no_noise, save_samples
     from .run import resolve_device
 
@@ -164,10 +170,14 @@ def _sample(args) -> None:
     if not 0 <= args.seed < 2**32:
         raise CQFError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     resolve_device(args.device, "--device")
+    if args.no_noise and args.temperature != 1.0:
+        raise CQFError("--no-noise and --temperature both set the decoder noise (--no-noise is temperature 0): use "
+                       "one of them")
     loaded = load(args.checkpoint, args.device)
     if args.no_noise:
         check_no_noise(loaded.config.variant)
-    out = save_samples(loaded.model, args.num, args.out, args.seed, noise=not args.no_noise)
+    with tempered(loaded.model, args.temperature):
+        out = save_samples(loaded.model, args.num, args.out, args.seed, noise=not args.no_noise)
     print(f"{args.num} samples written to {out}")
 
 

@@ -345,6 +345,7 @@ class EvalConfig:
     cache_dir: str = ""  # reference feature cache; "" = no cache
     max_images: int = 0  # bits/dim on the first N images only; 0 = the whole split
     sample_noise: bool = True  # False: samples f^-1(mu(z)) without the decoder noise (a diagnostic, not the protocol)
+    temperature: float = 1.0  # != 1: the tempered model's bits/dim and samples (`models.tempered`; a diagnostic)
     progress: bool = True
 
     def __post_init__(self):
@@ -358,6 +359,11 @@ class EvalConfig:
             (self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}"),
             (self.num_reference >= 0, f"--num-reference must be >= 0 (0 = all), got {self.num_reference}"),
             (self.iw_samples >= 0, f"-k/--iw-samples must be >= 0 (0 = ELBO only), got {self.iw_samples}"),
+            (self.temperature > 0 and math.isfinite(self.temperature),
+             f"--temperature must be a positive number (1 = the model as trained), got {self.temperature}"),
+            (self.sample_noise or self.temperature == 1.0,
+             "--no-noise and --temperature both set the decoder noise (--no-noise is temperature 0, which has no "
+             "density): use one of them"),
             (self.gan_bpd_steps >= 0, f"--gan-bpd-steps must be >= 0, got {self.gan_bpd_steps}"),
             (self.max_images >= 0, f"--max-images must be >= 0 (0 = all), got {self.max_images}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),

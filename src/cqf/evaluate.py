@@ -7,6 +7,7 @@ the sample-quality evaluation (`cqf.quality`) that `EvalConfig` asks for, and re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
          "unavailable": {metric: reason}, "notes": [...]} and "error" when the feature extractor could not
         be built (then the other results are still there).
     """
-    from .likelihood import checkpoint_bits_per_dim
+    from .models import tempered
     from .quality import check_no_noise, default_metrics
     from .run import resolve_device
 
@@ -46,6 +47,9 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
     loaded: LoadedModel | None = load(source, device=cfg.device) if kind == "checkpoint" else None
     if not cfg.sample_noise:
         check_no_noise(loaded.config.variant if loaded is not None else None)
+    if cfg.temperature != 1.0 and loaded is None:
+        raise CQFError("--temperature changes how a checkpoint is sampled and scored; images given as files are "
+                       "what they are: drop --temperature")
     if loaded is None and not cfg.data:
         raise CQFError("images given without a data set: add --data NAME (the reference images)")
     # The training split excludes the validation slice the model's run held out (the default one for images).
@@ -71,6 +75,20 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
     }
     if loaded is not None:
         result["protocol"]["generated"] |= {"sha256": sha256_file(source), "variant": loaded.config.variant}
+    if cfg.temperature != 1.0:
+        result["protocol"]["temperature"] = cfg.temperature
+        result["notes"].append(f"temperature {cfg.temperature:g}: bits/dim and samples of the tempered model (decoder "
+                               "sigma times T; NVP: base N(0, T^2 I)), not of the checkpoint as trained")
+    with tempered(loaded.model, cfg.temperature) if loaded is not None else contextlib.nullcontext():
+        _score(result, source, kind, loaded, data, cfg, wanted)
+    return result
+
+
+def _score(result: dict, source: Path, kind: str, loaded: LoadedModel | None, data, cfg: EvalConfig,
+           wanted: tuple[str, ...]) -> None:
+    """Bits/dim and the feature metrics of `wanted` into `result` (in place)."""
+    from .likelihood import checkpoint_bits_per_dim
+
     if "bpd" in wanted:
         if loaded is None:
             result["unavailable"]["bpd"] = "bits/dim needs a model checkpoint, not a set of images"
@@ -81,7 +99,6 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
     feature_wanted = tuple(m for m in wanted if m != "bpd")
     if feature_wanted:
         _sample_quality(result, source, kind, loaded, data, cfg, feature_wanted)
-    return result
 
 
 def _sample_quality(result: dict, source: Path, kind: str, loaded: LoadedModel | None, data, cfg: EvalConfig,

@@ -9,7 +9,9 @@ with f a Real-NVP flow (VAE-F, CQ-F) or the identity (VAE, CQ), and q optionally
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from . import flows, iaf, losses, nets, resnets
 from .config import ModelConfig
 from .distributed import randn_rows
-from .errors import ConfigError
+from .errors import ConfigError, CQFError
 
 __all__ = [
     "DECODERS",
@@ -37,6 +39,7 @@ __all__ = [
     "build_model",
     "gan_density_model",
     "model_space_sigma_floor",
+    "tempered",
 ]
 
 
@@ -72,6 +75,29 @@ def model_space_sigma_floor(sigma_floor: float, levels: int) -> float:
     return sigma_floor / levels
 
 
+@contextlib.contextmanager
+def tempered(model: nn.Module, temperature: float) -> Iterator[nn.Module]:
+    """`model` at temperature T inside the block: the VAE family's decoder sigma becomes T sigma, the NVP
+    baseline's base N(0, I) becomes N(0, T^2 I). Both are density models in their own right, so the block's
+    bits/dim and samples are one model's: T < 1 trades likelihood for less sample noise (`cqf eval
+    --temperature`). T = 1 changes nothing (any model); other T are refused for a GAN (no noise to scale), and
+    T <= 0 always. Restored to 1 on leaving."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise CQFError(f"--temperature must be a positive number (1 = the model as trained), got {temperature}")
+    if temperature == 1.0:
+        yield model
+        return
+    holder = getattr(model, "likelihood", model)
+    if not hasattr(holder, "temperature"):
+        raise CQFError(f"--temperature scales a density model's noise; a {type(model).__name__} has none (its "
+                       "generator is deterministic): drop --temperature")
+    holder.temperature = float(temperature)
+    try:
+        yield model
+    finally:
+        holder.temperature = 1.0
+
+
 @dataclass
 class ElboTerms:
     """Per-sample terms of the ELBO, each (B,) in nats, in model space."""
@@ -93,9 +119,11 @@ class FlowGaussian(nn.Module):
         super().__init__()
         self.flow = flow
         self.sigma_floor = sigma_floor
+        self.temperature = 1.0  # sigma -> T sigma for density and samples alike (`tempered`; not saved)
 
     def log_scale(self, raw_scale: Tensor) -> Tensor:
-        return torch.log(self.sigma_floor + F.softplus(raw_scale))
+        log_scale = torch.log(self.sigma_floor + F.softplus(raw_scale))
+        return log_scale if self.temperature == 1.0 else log_scale + math.log(self.temperature)
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(f(x), ln|det df/dx|). Independent of z: computed once per image."""

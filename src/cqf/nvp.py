@@ -38,6 +38,7 @@ class NVP(nn.Module):
         self.flow = flow
         self.image_shape, self.levels = tuple(image_shape), levels
         self.latent_dim = math.prod(self.image_shape)
+        self.temperature = 1.0  # base N(0, T^2 I) for density and samples alike (`models.tempered`; not saved)
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
@@ -45,7 +46,11 @@ class NVP(nn.Module):
     def elbo(self, x: Tensor) -> ElboTerms:
         """Exact ln p(x) of x (B, C, H, W) as `log_px_z` (B,) nats, with kl = 0: the 'ELBO' is no bound here."""
         y, logdet = self.flow(x)
-        log_p = losses.standard_normal_log_prob(y) + logdet
+        if self.temperature == 1.0:
+            log_p = losses.standard_normal_log_prob(y) + logdet
+        else:  # ln N(y; 0, T^2 I) = ln N(y / T; 0, I) - D ln T
+            t = self.temperature
+            log_p = losses.standard_normal_log_prob(y / t) - self.latent_dim * math.log(t) + logdet
         return ElboTerms(log_p, torch.zeros_like(log_p), torch.zeros((), dtype=log_p.dtype, device=log_p.device))
 
     def elbo_and_sample(self, x: Tensor, num_samples: int, noise: bool = True,
@@ -60,10 +65,11 @@ class NVP(nn.Module):
 
     def sample(self, num_samples: int, noise: bool = True, z: Tensor | None = None) -> Tensor:
         """x = f^-1(eps) with eps ~ N(0, I) of image size (or the given base points z); `noise` has no effect:
-        eps is the model's only randomness."""
+        eps is the model's only randomness. At temperature T (`models.tempered`) x = f^-1(T eps)."""
         if z is None:
             z = randn_rows(num_samples, *self.image_shape, device=self._device())
-        return self.flow.inverse(z.reshape(-1, *self.image_shape))
+        z = z.reshape(-1, *self.image_shape)
+        return self.flow.inverse(z if self.temperature == 1.0 else self.temperature * z)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
