@@ -82,26 +82,49 @@ def test_quality_loss_reaches_decoder_and_flow_but_not_encoder_or_disc():
 
 
 @pytest.mark.parametrize("balance", ["fixed", "adaptive"])  # one decoder call for both losses, and two
-def test_quality_sigma_false_keeps_l_q_from_sigma_alone(balance):
+@pytest.mark.parametrize("switch", ["quality_sigma", "quality_mean"])
+def test_quality_sigma_or_mean_false_keeps_l_q_from_that_output_alone(balance, switch):
     """train.quality_sigma=false: L_Q's part of the output layer's gradient is zero on sigma's rows (weight and
-    bias) and non-zero on the mean's, and the flow still gets it."""
+    bias) and non-zero on the mean's; train.quality_mean=false: the other way round. The flow still gets it."""
     _, model, disc = build("CQ-F")
     x = torch.rand(6, *SHAPE) * 2 - 1
-    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0, quality_sigma=False)
+    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0, **{switch: False})
     both, _ = _gradients(model, disc, tc, 1.0, x)
     coverage_only, _ = _gradients(model, disc, tc, 0.0, x)
-    channels = SHAPE[0]
+    channels = SHAPE[0]  # the output layer's rows: the mean's channels, then sigma's
+    cut, kept = (slice(channels, None), slice(None, channels))[:: 1 if switch == "quality_sigma" else -1]
     for name in (_last(model), _last(model).replace("weight", "bias")):
         part = (both[name] - coverage_only[name]).abs()
-        assert part[channels:].max() <= 1e-12 * coverage_only[name][channels:].abs().max(), name
-        assert part[:channels].max() > 1e-6 * coverage_only[name][:channels].abs().max(), name
+        assert part[cut].max() <= 1e-12 * coverage_only[name][cut].abs().max(), name
+        assert part[kept].max() > 1e-6 * coverage_only[name][kept].abs().max(), name
     flow = [n for n in both if n.startswith("likelihood.flow.")]
     assert flow and all((both[n] - coverage_only[n]).abs().max() > 0 for n in flow)
 
 
-def test_quality_sigma_false_needs_a_hybrid():
-    with pytest.raises(cqf_config.ConfigError, match="quality_sigma"):
-        Config(train=TrainConfig(quality_weight=0.0, quality_sigma=False))
+@pytest.mark.parametrize("balance", ["fixed", "adaptive"])
+def test_quality_mean_and_flow_false_let_l_q_reach_sigma_alone(balance):
+    """train.quality_mean=false with train.quality_flow=false: L_Q reaches the decoder through sigma only: zero on
+    the mean's output rows, the flow and the encoder, non-zero on sigma's rows and the layers below them."""
+    _, model, disc = build("CQ-F")
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    tc = TrainConfig(quality_weight=1.0, balance=balance, grad_clip=0.0, quality_mean=False, quality_flow=False)
+    both, _ = _gradients(model, disc, tc, 1.0, x)
+    coverage_only, _ = _gradients(model, disc, tc, 0.0, x)
+    channels, last = SHAPE[0], _last(model)
+    for name in both:
+        part, scale = (both[name] - coverage_only[name]).abs(), coverage_only[name].abs().max()
+        if name in (last, last.replace("weight", "bias")):
+            assert part[:channels].max() <= 1e-12 * scale and part[channels:].max() > 1e-6 * scale, name
+        elif name.startswith("decoder."):
+            assert part.max() > 1e-6 * scale, name
+        else:
+            assert part.max() <= 1e-12 * scale, name
+
+
+@pytest.mark.parametrize("switch", ["quality_sigma", "quality_mean"])
+def test_quality_sigma_or_mean_false_needs_a_hybrid(switch):
+    with pytest.raises(cqf_config.ConfigError, match=f"{switch}=false keeps .* needs a hybrid"):
+        Config(train=TrainConfig(quality_weight=0.0, **{switch: False}))
 
 
 @pytest.mark.parametrize("balance", ["fixed", "adaptive"])
@@ -148,16 +171,20 @@ def test_the_routing_switches_need_a_hybrid_with_a_flow(name, switch):
 
 def test_the_routing_switches_refuse_empty_or_redundant_combinations():
     cq_f = variant_config("CQ-F")
-    with pytest.raises(cqf_config.ConfigError, match="quality_sigma=false has no effect"):
-        dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, quality_sigma=False))
+    for switch in ("quality_sigma", "quality_mean"):
+        with pytest.raises(cqf_config.ConfigError, match=f"{switch}=false has no effect"):
+            dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, **{switch: False}))
+    with pytest.raises(cqf_config.ConfigError, match="that is train.quality_decoder=false"):
+        dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_mean=False, quality_sigma=False))
     with pytest.raises(cqf_config.ConfigError, match="nothing to train"):
         dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, quality_flow=False))
 
 
-@pytest.mark.parametrize("switch", ["quality_sigma", "quality_decoder"])
+@pytest.mark.parametrize("switch", ["quality_sigma", "quality_decoder", "quality_mean"])
 def test_the_training_step_passes_the_routing_switches_on(monkeypatch, digits, tmp_path, switch):
-    """The training step (which makes the forward it shares with the D step) hands `train.quality_sigma` and
-    `train.quality_decoder` to the model's sampler, not only `generator_step` when called alone."""
+    """The training step (which makes the forward it shares with the D step) hands `train.quality_sigma`,
+    `train.quality_decoder` and `train.quality_mean` to the model's sampler, not only `generator_step` when called
+    alone."""
     from cqf import step
     from cqf.run import build_run
 
@@ -166,7 +193,7 @@ def test_the_training_step_passes_the_routing_switches_on(monkeypatch, digits, t
     monkeypatch.setattr(step, "generator_forward", lambda *a, **k: seen.append(k) or original(*a, **k))
     cfg = tiny_config(steps=1, warmup_steps=0, quality_weight=1.0, **{switch: False})
     step.training_step(build_run(cfg, digits, tmp_path), digits)
-    key = {"quality_sigma": "sigma_grad", "quality_decoder": "decoder_grad"}[switch]
+    key = {"quality_sigma": "sigma_grad", "quality_decoder": "decoder_grad", "quality_mean": "mean_grad"}[switch]
     assert seen and all(k.get(key, True) is False for k in seen)
 
 

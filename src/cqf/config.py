@@ -165,6 +165,7 @@ class TrainConfig:
     # the training set, as the batch); not for a GAN, whose batch is batch_size
     quality_sigma: bool = True  # L_Q's gradient passes through the decoder's sigma; False: none does (docs)
     quality_decoder: bool = True  # L_Q's gradient reaches the decoder (mu, sigma); False: only the flow (docs)
+    quality_mean: bool = True  # L_Q's gradient passes through the decoder's mu; False: none does (docs)
     quality_flow: bool = True  # L_Q's gradient reaches the flow's parameters; False: only the decoder's (docs)
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
@@ -277,10 +278,11 @@ class Config:
         if self.model.latent_dim == 0 and (self.is_gan or self.has_discriminator):
             raise ConfigError("the NVP baseline (model.latent_dim=0) is trained by likelihood only: set "
                               "train.quality_weight=0 and train.coverage_weight > 0")
-        if not self.train.quality_sigma and (self.is_gan or not self.has_discriminator):
-            raise ConfigError("train.quality_sigma=false keeps L_Q's gradient from the decoder's sigma: it needs a "
-                              "hybrid (train.quality_weight > 0 and train.coverage_weight > 0); remove "
-                              "train.quality_sigma=false")
+        for switch, what in (("quality_sigma", "sigma"), ("quality_mean", "mean mu")):
+            if not getattr(self.train, switch) and (self.is_gan or not self.has_discriminator):
+                raise ConfigError(f"train.{switch}=false keeps L_Q's gradient from the decoder's {what}: it needs a "
+                                  "hybrid (train.quality_weight > 0 and train.coverage_weight > 0); remove "
+                                  f"train.{switch}=false")
         for switch, what in (("quality_decoder", "lets L_Q's gradient reach only the flow"),
                              ("quality_flow", "keeps L_Q's gradient from the flow's parameters")):
             if not getattr(self.train, switch) and (self.is_gan or not self.has_discriminator
@@ -295,9 +297,13 @@ class Config:
         if not self.train.quality_flow and not self.train.quality_decoder:
             raise ConfigError("train.quality_flow=false with train.quality_decoder=false leaves L_Q nothing to "
                               "train: remove one of them")
-        if not self.train.quality_decoder and not self.train.quality_sigma:
-            raise ConfigError("train.quality_sigma=false has no effect with train.quality_decoder=false (L_Q "
-                              "reaches neither mu nor sigma): remove train.quality_sigma=false")
+        for switch in ("quality_sigma", "quality_mean"):
+            if not self.train.quality_decoder and not getattr(self.train, switch):
+                raise ConfigError(f"train.{switch}=false has no effect with train.quality_decoder=false (L_Q "
+                                  f"reaches neither mu nor sigma): remove train.{switch}=false")
+        if not self.train.quality_sigma and not self.train.quality_mean:
+            raise ConfigError("train.quality_sigma=false with train.quality_mean=false keeps L_Q from the whole "
+                              "decoder: that is train.quality_decoder=false (L_Q on the flow alone); set that instead")
         if self.is_gan and self.train.quality_batch != self.train.batch_size:
             raise ConfigError("a GAN's batch is train.batch_size (it has no L_C batch to keep apart): set "
                               "train.batch_size instead of train.quality_batch_size")

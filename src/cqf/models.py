@@ -134,12 +134,15 @@ class FlowGaussian(nn.Module):
         return losses.diag_gaussian_log_prob(y, mean, self.log_scale(raw_scale)).flatten(1).sum(1) + logdet
 
     def sample(self, mean: Tensor, raw_scale: Tensor, noise: bool = True, sigma_grad: bool = True,
-               decoder_grad: bool = True) -> Tensor:
+               decoder_grad: bool = True, mean_grad: bool = True) -> Tensor:
         """x = f^-1(mu + sigma * eps): the decoder noise lives in feature space (DESIGN section 2). With
-        `sigma_grad=False` no gradient of the samples reaches sigma (`train.quality_sigma`); with
-        `decoder_grad=False` none reaches mu or sigma, only the flow (`train.quality_decoder`)."""
+        `sigma_grad=False` no gradient of the samples reaches sigma (`train.quality_sigma`), with
+        `mean_grad=False` none reaches mu (`train.quality_mean`); with `decoder_grad=False` none reaches mu or
+        sigma, only the flow (`train.quality_decoder`)."""
         if not decoder_grad:
             mean, raw_scale = mean.detach(), raw_scale.detach()
+        elif not mean_grad:
+            mean = mean.detach()
         if noise:
             eps = randn_rows(len(mean), *mean.shape[1:], dtype=mean.dtype, device=mean.device)
             sigma = self.log_scale(raw_scale).exp()
@@ -187,14 +190,15 @@ class VAE(nn.Module):
         return self.elbo_and_sample(x, 0)[0]
 
     def elbo_and_sample(self, x: Tensor, num_samples: int, noise: bool = True, batched: bool = True,
-                        sigma_grad: bool = True, decoder_grad: bool = True) -> tuple[ElboTerms, Tensor]:
+                        sigma_grad: bool = True, decoder_grad: bool = True,
+                        mean_grad: bool = True) -> tuple[ElboTerms, Tensor]:
         """`elbo(x)` and `sample(num_samples)`, with the same random draws, in one decoder call on the posterior
         and the prior z together (the decoder is per-sample, so this is exact). `batched=False` makes two calls:
         cheaper when the two losses are then differentiated apart, since each backward pass would otherwise
         run through the other loss's half of the batch."""
         if not batched:
             return self.elbo(x), self.sample(num_samples, noise=noise, sigma_grad=sigma_grad,
-                                             decoder_grad=decoder_grad)
+                                             decoder_grad=decoder_grad, mean_grad=mean_grad)
         z, kl = self._posterior_sample(x)
         if num_samples:
             z = torch.cat([z, randn_rows(num_samples, self.latent_dim, dtype=z.dtype, device=z.device)])
@@ -206,7 +210,7 @@ class VAE(nn.Module):
             at_floor = (sigma < 1.01 * self.likelihood.sigma_floor).float().mean()
         terms = ElboTerms(log_px_z, kl, at_floor, sigma.mean())
         samples = (self.likelihood.sample(mean[batch:], raw_scale[batch:], noise=noise, sigma_grad=sigma_grad,
-                                          decoder_grad=decoder_grad) if num_samples else None)
+                                          decoder_grad=decoder_grad, mean_grad=mean_grad) if num_samples else None)
         return terms, samples
 
     def _posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,13 +248,13 @@ class VAE(nn.Module):
         return torch.logsumexp(torch.cat(log_w), 0) - math.log(num_importance)
 
     def sample(self, num_samples: int, noise: bool = True, z: Tensor | None = None,
-               sigma_grad: bool = True, decoder_grad: bool = True) -> Tensor:
-        """Model-space images: z ~ p(z) (or the given z), x = f^-1(mu(z) + sigma(z) eps); `sigma_grad` and
-        `decoder_grad` as in `FlowGaussian.sample`."""
+               sigma_grad: bool = True, decoder_grad: bool = True, mean_grad: bool = True) -> Tensor:
+        """Model-space images: z ~ p(z) (or the given z), x = f^-1(mu(z) + sigma(z) eps); `sigma_grad`,
+        `decoder_grad` and `mean_grad` as in `FlowGaussian.sample`."""
         if z is None:
             z = randn_rows(num_samples, self.latent_dim, device=self._device())
         return self.likelihood.sample(*self.decoder(z), noise=noise, sigma_grad=sigma_grad,
-                                      decoder_grad=decoder_grad)
+                                      decoder_grad=decoder_grad, mean_grad=mean_grad)
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -161,12 +161,15 @@ def quality_parameters(model: nn.Module, tc: TrainConfig) -> list[nn.Parameter]:
 
 
 def generator_forward(model: nn.Module, x: Tensor | None, num_samples: int, batched: bool = True,
-                      sigma_grad: bool = True, decoder_grad: bool = True) -> tuple[ElboTerms | None, Tensor | None]:
+                      sigma_grad: bool = True, decoder_grad: bool = True,
+                      mean_grad: bool = True) -> tuple[ElboTerms | None, Tensor | None]:
     """The model's half of a step: ELBO terms of `x` (None: no L_C) and `num_samples` samples with their graph
     (0: no L_Q), with one decoder call for both unless `batched` is False (`VAE.elbo_and_sample`).
     `sigma_grad=False` (`train.quality_sigma`): the samples' graph does not reach the decoder's sigma;
+    `mean_grad=False` (`train.quality_mean`): it does not reach the decoder's mu;
     `decoder_grad=False` (`train.quality_decoder`): it reaches neither mu nor sigma, only the flow."""
-    kwargs = {k: False for k, v in (("sigma_grad", sigma_grad), ("decoder_grad", decoder_grad)) if not v}
+    switches = (("sigma_grad", sigma_grad), ("decoder_grad", decoder_grad), ("mean_grad", mean_grad))
+    kwargs = {k: False for k, v in switches if not v}
     # (the GAN and NVP models have no decoder noise to detach: only non-default switches are passed)
     if x is not None and num_samples:
         return model.elbo_and_sample(x, num_samples, batched=batched, **kwargs)
@@ -205,7 +208,8 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
         with autocast(x.device, tc.precision):
             forward = generator_forward(model, x if tc.coverage_weight > 0 else None,
                                         x.shape[0] if adversarial else 0, batched=not losses_apart(tc, measure),
-                                        sigma_grad=tc.quality_sigma, decoder_grad=tc.quality_decoder)
+                                        sigma_grad=tc.quality_sigma, decoder_grad=tc.quality_decoder,
+                                        mean_grad=tc.quality_mean)
     terms, fake = forward
     stats, loss_coverage, loss_quality = {}, None, None
     coverage_scale = tc.coverage_weight / (math.prod(x.shape[1:]) * math.log(2) if tc.balance == "per_dim" else 1)
@@ -326,7 +330,7 @@ def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
     with autocast(run.device, tc.precision):
         forward = generator_forward(run.model, x if tc.coverage_weight > 0 else None, num_fake if adversarial else 0,
                                     batched=not losses_apart(tc, measure), sigma_grad=tc.quality_sigma,
-                                    decoder_grad=tc.quality_decoder)
+                                    decoder_grad=tc.quality_decoder, mean_grad=tc.quality_mean)
     if adversarial:
         for i in range(tc.d_steps):
             idx_d = batch_indices(step * tc.d_steps + i, num_train, tc.quality_batch, cfg.seed + 1)
