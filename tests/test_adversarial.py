@@ -176,6 +176,9 @@ def test_the_routing_switches_refuse_empty_or_redundant_combinations():
             dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, **{switch: False}))
     with pytest.raises(cqf_config.ConfigError, match="that is train.quality_decoder=false"):
         dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_mean=False, quality_sigma=False))
+    cq = variant_config("CQ")  # no flow: nothing left for L_Q, and quality_decoder=false would be refused too
+    with pytest.raises(cqf_config.ConfigError, match="nothing to train \\(there is no flow\\)"):
+        dataclasses.replace(cq, train=dataclasses.replace(cq.train, quality_mean=False, quality_sigma=False))
     with pytest.raises(cqf_config.ConfigError, match="nothing to train"):
         dataclasses.replace(cq_f, train=dataclasses.replace(cq_f.train, quality_decoder=False, quality_flow=False))
 

@@ -74,10 +74,16 @@ def test_tempered_restores_the_model_and_refuses_what_has_no_noise():
     with pytest.raises(RuntimeError), tempered(model, 0.5):
         raise RuntimeError("inside the block")
     assert model.likelihood.temperature == 1.0
+    with tempered(model, 0.5), tempered(model, 2.0):  # nested: the inner block restores the outer's T
+        pass
+        with tempered(model, 3.0):
+            assert model.likelihood.temperature == 3.0
+        assert model.likelihood.temperature == 2.0
+    assert model.likelihood.temperature == 1.0
     generator = Generator(model.decoder, model.latent_dim, SHAPE, 17)
     with tempered(generator, 1.0):  # the default changes nothing, for any model
         pass
-    with pytest.raises(CQFError, match="^--temperature .*Generator has none.*drop --temperature$"):
+    with pytest.raises(CQFError, match="^--temperature .*a GAN has none.*drop --temperature$"):
         with tempered(generator, 0.5):
             pass
     for bad in (0.0, -1.0, float("nan"), float("inf")):
@@ -111,6 +117,14 @@ def test_cli_scores_and_samples_the_tempered_model(tmp_path, digits, capsys):
     assert bpd[0.5]["bits_per_dim"]["bpd_elbo"] == pytest.approx(expected, rel=0.02)  # one-sample ELBO: its z
     assert bpd[0.5]["bits_per_dim"]["bpd_elbo"] > bpd[1.0]["bits_per_dim"]["bpd_elbo"] + 0.05
 
+    # without --json a tempered evaluation goes beside the checkpoint under its own name, and the report labels it
+    main(["eval", weights, "--metrics", "bpd", "-k", "0", "--max-images", "20", "--temperature", "0.5"])
+    assert not (run / "eval.json").exists()
+    assert json.loads((run / "eval-T0.5.json").read_text())["protocol"]["temperature"] == 0.5
+    (run / "eval-T0.5.json").rename(run / "eval.json")
+    main(["report", str(run), "--out", str(tmp_path / "rep")])
+    assert "| VAE-F at T=0.5 |" in (tmp_path / "rep" / "report.md").read_text()
+
     main(["sample", weights, "-n", "5", "--out", str(tmp_path / "cold"), "--seed", "3", "--temperature", "0.5"])
     with tempered(model, 0.5):
         cold = sample_images(model, 5, seed=3)
@@ -132,3 +146,22 @@ def test_cli_scores_and_samples_the_tempered_model(tmp_path, digits, capsys):
         assert exit_info.value.code != 0 and err.startswith("cqf: error: ") and what in err, err
         assert "\n" not in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_gan_checkpoint_refuses_a_temperature_and_writes_nothing(tmp_path, digits, capsys):
+    from cqf.train import train
+
+    run = tmp_path / "gan"
+    cfg = tiny_config({"flow_couplings": 0}, coverage_weight=0.0, quality_weight=1.0, steps=2, eval_every=0,
+                      sample_every=0, ckpt_every=0)
+    train(cfg, run, data=digits, progress=False)
+    weights = str(run / "model.safetensors")
+    main(["sample", weights, "-n", "2", "--out", str(tmp_path / "ok.png")])  # T = 1: any model
+    capsys.readouterr()
+    for argv in (["eval", weights, "--metrics", "fid", "--temperature", "0.5"],
+                 ["sample", weights, "--temperature", "0.5", "--out", str(tmp_path / "x.png")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code != 0 and "a GAN has none" in err and "\n" not in err, err
+    assert not (tmp_path / "x.png").exists() and not list(run.glob("eval*.json"))

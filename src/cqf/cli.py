@@ -148,8 +148,9 @@ def _eval(args) -> None:
     )
     result = evaluate(args.source, config)
     print(format_table(result))
-    path = args.json or (args.source.with_name("eval.json") if args.source.is_file() and
-                         args.source.suffix in (".pt", ".safetensors") else Path("eval.json"))
+    name = "eval.json" if args.temperature == 1.0 else f"eval-T{args.temperature:g}.json"  # not the run's own
+    path = args.json or (args.source.with_name(name) if args.source.is_file() and
+                         args.source.suffix in (".pt", ".safetensors") else Path(name))
     write_json(result, path)
     print(f"results written to {path}")
     if result.get("error"):  # e.g. no Inception weights offline: the other metrics were still written

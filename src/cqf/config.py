@@ -302,6 +302,9 @@ class Config:
                 raise ConfigError(f"train.{switch}=false has no effect with train.quality_decoder=false (L_Q "
                                   f"reaches neither mu nor sigma): remove train.{switch}=false")
         if not self.train.quality_sigma and not self.train.quality_mean:
+            if self.model.flow_couplings == 0:
+                raise ConfigError("train.quality_sigma=false with train.quality_mean=false leaves L_Q nothing to "
+                                  "train (there is no flow): remove one of them")
             raise ConfigError("train.quality_sigma=false with train.quality_mean=false keeps L_Q from the whole "
                               "decoder: that is train.quality_decoder=false (L_Q on the flow alone); set that instead")
         if self.is_gan and self.train.quality_batch != self.train.batch_size:

@@ -50,6 +50,9 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
     if cfg.temperature != 1.0 and loaded is None:
         raise CQFError("--temperature changes how a checkpoint is sampled and scored; images given as files are "
                        "what they are: drop --temperature")
+    if loaded is not None:
+        with tempered(loaded.model, cfg.temperature):  # refuses a GAN before any data is read
+            pass
     if loaded is None and not cfg.data:
         raise CQFError("images given without a data set: add --data NAME (the reference images)")
     # The training split excludes the validation slice the model's run held out (the default one for images).

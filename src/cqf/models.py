@@ -81,7 +81,7 @@ def tempered(model: nn.Module, temperature: float) -> Iterator[nn.Module]:
     baseline's base N(0, I) becomes N(0, T^2 I). Both are density models in their own right, so the block's
     bits/dim and samples are one model's: T < 1 trades likelihood for less sample noise (`cqf eval
     --temperature`). T = 1 changes nothing (any model); other T are refused for a GAN (no noise to scale), and
-    T <= 0 always. Restored to 1 on leaving."""
+    T <= 0 always. The previous temperature is restored on leaving."""
     if not (temperature > 0 and math.isfinite(temperature)):
         raise CQFError(f"--temperature must be a positive number (1 = the model as trained), got {temperature}")
     if temperature == 1.0:
@@ -89,13 +89,13 @@ def tempered(model: nn.Module, temperature: float) -> Iterator[nn.Module]:
         return
     holder = getattr(model, "likelihood", model)
     if not hasattr(holder, "temperature"):
-        raise CQFError(f"--temperature scales a density model's noise; a {type(model).__name__} has none (its "
-                       "generator is deterministic): drop --temperature")
-    holder.temperature = float(temperature)
+        raise CQFError("--temperature scales a density model's noise; a GAN has none (its generator is "
+                       "deterministic): drop --temperature")
+    previous, holder.temperature = holder.temperature, float(temperature)
     try:
         yield model
     finally:
-        holder.temperature = 1.0
+        holder.temperature = previous
 
 
 @dataclass

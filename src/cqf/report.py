@@ -74,6 +74,8 @@ def collect(run_dir: Path) -> dict:
     if evaluation.is_file():
         e = json.loads(evaluation.read_text())
         row["variant"] = e["protocol"]["generated"].get("variant", row.get("variant"))
+        if e["protocol"].get("temperature", 1.0) != 1.0:  # a tempered model (cqf eval --temperature), not the run's
+            row["variant"] = f"{row['variant']} at T={e['protocol']['temperature']:g}"
         bpd = e.get("bits_per_dim")
         if bpd:
             row |= {"bpd": bpd["bpd_elbo"], "bpd_iwae": bpd.get("bpd_iwae"), "bpd_approximate": bpd.get("approximate")}
