@@ -78,6 +78,8 @@ def test_tempered_restores_the_model_and_refuses_what_has_no_noise():
         pass
         with tempered(model, 3.0):
             assert model.likelihood.temperature == 3.0
+        with tempered(model, 1.0):  # T = 1 inside a tempered block is the model as trained
+            assert model.likelihood.temperature == 1.0
         assert model.likelihood.temperature == 2.0
     assert model.likelihood.temperature == 1.0
     generator = Generator(model.decoder, model.latent_dim, SHAPE, 17)

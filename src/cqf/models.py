@@ -84,11 +84,11 @@ def tempered(model: nn.Module, temperature: float) -> Iterator[nn.Module]:
     T <= 0 always. The previous temperature is restored on leaving."""
     if not (temperature > 0 and math.isfinite(temperature)):
         raise CQFError(f"--temperature must be a positive number (1 = the model as trained), got {temperature}")
-    if temperature == 1.0:
-        yield model
-        return
     holder = getattr(model, "likelihood", model)
     if not hasattr(holder, "temperature"):
+        if temperature == 1.0:
+            yield model
+            return
         raise CQFError("--temperature scales a density model's noise; a GAN has none (its generator is "
                        "deterministic): drop --temperature")
     previous, holder.temperature = holder.temperature, float(temperature)
