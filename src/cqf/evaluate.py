@@ -36,7 +36,7 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
          "unavailable": {metric: reason}, "notes": [...]} and "error" when the feature extractor could not
         be built (then the other results are still there).
     """
-    from .models import tempered
+    from .models import check_temperature, tempered
     from .quality import check_no_noise, default_metrics
     from .run import resolve_device
 
@@ -51,8 +51,7 @@ def evaluate(source: str | Path, config: EvalConfig | None = None, **fields) -> 
         raise CQFError("--temperature changes how a checkpoint is sampled and scored; images given as files are "
                        "what they are: drop --temperature")
     if loaded is not None:
-        with tempered(loaded.model, cfg.temperature):  # refuses a GAN before any data is read
-            pass
+        check_temperature(loaded.model, cfg.temperature)  # a GAN is refused before any data is read
     if loaded is None and not cfg.data:
         raise CQFError("images given without a data set: add --data NAME (the reference images)")
     # The training split excludes the validation slice the model's run held out (the default one for images).

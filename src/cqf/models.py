@@ -37,6 +37,7 @@ __all__ = [
     "build_encoder",
     "build_flow",
     "build_model",
+    "check_temperature",
     "gan_density_model",
     "model_space_sigma_floor",
     "tempered",
@@ -75,22 +76,31 @@ def model_space_sigma_floor(sigma_floor: float, levels: int) -> float:
     return sigma_floor / levels
 
 
+def check_temperature(model: nn.Module, temperature: float) -> nn.Module | None:
+    """The module whose `temperature` `tempered` sets (None: a model without noise, which only T = 1 fits);
+    refuses T <= 0, and T != 1 for a GAN, with the fix."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise CQFError(f"--temperature must be a positive number (1 = the model as trained), got {temperature}")
+    holder = getattr(model, "likelihood", model)
+    if hasattr(holder, "temperature"):
+        return holder
+    if temperature != 1.0:
+        raise CQFError("--temperature scales a density model's noise; a GAN has none (its generator is "
+                       "deterministic): drop --temperature")
+    return None
+
+
 @contextlib.contextmanager
 def tempered(model: nn.Module, temperature: float) -> Iterator[nn.Module]:
     """`model` at temperature T inside the block: the VAE family's decoder sigma becomes T sigma, the NVP
     baseline's base N(0, I) becomes N(0, T^2 I). Both are density models in their own right, so the block's
     bits/dim and samples are one model's: T < 1 trades likelihood for less sample noise (`cqf eval
-    --temperature`). T = 1 changes nothing (any model); other T are refused for a GAN (no noise to scale), and
-    T <= 0 always. The previous temperature is restored on leaving."""
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise CQFError(f"--temperature must be a positive number (1 = the model as trained), got {temperature}")
-    holder = getattr(model, "likelihood", model)
-    if not hasattr(holder, "temperature"):
-        if temperature == 1.0:
-            yield model
-            return
-        raise CQFError("--temperature scales a density model's noise; a GAN has none (its generator is "
-                       "deterministic): drop --temperature")
+    --temperature`). T = 1 is the model as trained (any model, a GAN too); `check_temperature` refuses the
+    rest. The previous temperature is restored on leaving."""
+    holder = check_temperature(model, temperature)
+    if holder is None:
+        yield model
+        return
     previous, holder.temperature = holder.temperature, float(temperature)
     try:
         yield model
