@@ -559,3 +559,66 @@ def test_a_hybrid_and_its_likelihood_only_twin_are_one_run_until_l_q_switches_on
     hybrid, twin = (torch.load(tmp_path / run / "ckpt-0000003.pt", weights_only=True) for run in ("cq-f", "vae-f"))
     for key in ("model", "ema", "opt_g"):
         assert checkpoint.first_difference(hybrid[key], twin[key]) is None, key
+
+
+def _recording_disc(disc, seen):
+    disc.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    return disc
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_quality_clip_shows_d_the_generated_images_as_a_saved_sample_is(clip):
+    """With `train.quality_clip` D's step sees the generated images clipped to [-1, 1] (real ones as they are);
+    `fake_out_of_range` is the share of generated pixels beyond the range either way."""
+    cfg, _, disc = build("CQ-F")
+    seen = []
+    _recording_disc(disc, seen)
+    real, fake = torch.rand(6, *SHAPE) * 2 - 1, torch.randn(6, *SHAPE) * 2
+    opt = torch.optim.SGD(disc.parameters(), lr=0.0)
+    stats = discriminator_step(disc, opt, real, fake, clip=clip)
+    (d_input,) = seen
+    torch.testing.assert_close(d_input[:6], real, rtol=0, atol=0)
+    torch.testing.assert_close(d_input[6:], fake.clamp(-1, 1) if clip else fake, rtol=0, atol=0)
+    assert stats["fake_out_of_range"].item() == pytest.approx((fake.abs() > 1).float().mean().item())
+    assert 0.3 < stats["fake_out_of_range"].item() < 0.9
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_quality_clip_keeps_l_q_from_pixels_beyond_the_data_range(clip):
+    """L_Q's gradient on a generated pixel beyond [-1, 1] is zero with `train.quality_clip` (D sees it clipped)
+    and not without; within the range it is L_Q's gradient either way."""
+    _, model, disc = build("CQ-F")
+    x = torch.rand(6, *SHAPE) * 2 - 1
+    fake = (torch.randn(6, *SHAPE) * 2).requires_grad_(True)
+    tc = TrainConfig(quality_weight=1.0, balance="fixed", grad_clip=0.0, quality_clip=clip)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    generator_step(model, disc, opt, x, tc, quality_weight=1.0, forward=(None, fake))
+    beyond = fake.detach().abs() > 1
+    assert (fake.grad[~beyond] != 0).float().mean() > 0.9
+    assert ((fake.grad[beyond] == 0).all() if clip else (fake.grad[beyond] != 0).float().mean() > 0.9)
+
+
+def test_the_training_step_passes_quality_clip_on(tmp_path, digits):
+    """Every image of the generated half that D sees in a training step (its step and L_Q's) is within [-1, 1]
+    with `train.quality_clip`, while the model's samples are not."""
+    from cqf.run import build_run
+    from cqf.step import training_step
+
+    cfg = tiny_config(steps=1, warmup_steps=0, quality_weight=1.0, quality_clip=True, d_steps=2)
+    run = build_run(cfg, digits, tmp_path)
+    with torch.no_grad():  # push the decoder's mean beyond the range: most generated pixels are out of it
+        run.model.decoder.last.bias.add_(3.0)
+    seen = []
+    _recording_disc(run.disc, seen)
+    stats = training_step(run, digits)
+    batch = cfg.train.quality_batch
+    assert len(seen) == 3 and stats["fake_out_of_range"] > 0.5
+    assert all(d[batch:].abs().max() <= 1 for d in seen[:2]) and seen[2].abs().max() <= 1
+
+
+def test_quality_clip_needs_a_discriminator():
+    with pytest.raises(cqf_config.ConfigError, match="train.quality_clip=true clips .* this config is VAE-F"):
+        dataclasses.replace(variant_config("VAE-F"), train=TrainConfig(quality_clip=True))
+    for name in ("CQ", "CQ-F", "GAN"):
+        cfg = variant_config(name)
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, quality_clip=True))

@@ -167,6 +167,7 @@ class TrainConfig:
     quality_decoder: bool = True  # L_Q's gradient reaches the decoder (mu, sigma); False: only the flow (docs)
     quality_mean: bool = True  # L_Q's gradient passes through the decoder's mu; False: none does (docs)
     quality_flow: bool = True  # L_Q's gradient reaches the flow's parameters; False: only the decoder's (docs)
+    quality_clip: bool = False  # D sees generated images clipped to the data range [-1, 1], as a saved sample is
     augment: str = ""  # DiffAugment of every image D sees: comma list of color, translation, cutout; "" = none
     r1_gamma: float = 0.0  # R1 penalty gamma/2 E|grad_x D(x_real)|^2 in the D step; 0 = off
     ema_halflife_kimg: float = 0.0  # EMA of the generator side, half-life in thousands of images; 0 = off
@@ -290,6 +291,10 @@ class Config:
                 raise ConfigError(f"train.{switch}=false {what}: it needs a hybrid with a flow "
                                   f"(train.quality_weight > 0, train.coverage_weight > 0, model.flow_couplings > 0), "
                                   f"this config is {self.variant}; remove train.{switch}=false")
+        if self.train.quality_clip and not (self.is_gan or self.has_discriminator):
+            raise ConfigError(f"train.quality_clip=true clips the generated images a discriminator sees: it needs "
+                              f"train.quality_weight > 0 (CQ, CQ-F or a GAN), this config is {self.variant}; remove "
+                              "train.quality_clip=true")
         if self.train.free_nats > 0 and (self.is_gan or self.model.latent_dim == 0):
             raise ConfigError(f"train.free_nats={self.train.free_nats} frees part of the ELBO's KL term: it needs a "
                               f"model with an encoder and L_C (VAE, VAE-F, CQ, CQ-F), this config is "

@@ -27,6 +27,7 @@ from .schedule import ema_beta, quality_weight_at
 __all__ = [
     "adaptive_reference",
     "adaptive_weight",
+    "as_seen_by_discriminator",
     "autocast",
     "coverage_nats",
     "discriminator_step",
@@ -88,15 +89,27 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def as_seen_by_discriminator(fake: Tensor, clip: bool) -> Tensor:
+    """Generated images as D sees them: with `clip` (`train.quality_clip`), clipped to the data range [-1, 1] as a
+    saved sample is (`data.to_levels`), so that D cannot tell them apart by values no saved image has and no
+    gradient of L_Q reaches a pixel beyond the range; else as they are."""
+    return fake.clamp(-1, 1) if clip else fake
+
+
 def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor, fake: Tensor,
-                       augment_policy: tuple[str, ...] = (), r1_gamma: float = 0.0, precision: str = "fp32") -> dict:
+                       augment_policy: tuple[str, ...] = (), r1_gamma: float = 0.0, precision: str = "fp32",
+                       clip: bool = False) -> dict:
     """One BCE step of D on dequantized real images against model samples (real = 1, model = 0).
 
     Real and generated images go through the same differentiable augmentation and through D in one call (one
     spectral-norm power iteration per step). With `r1_gamma > 0` the R1 penalty gamma/2 E|grad_x D(x)|^2 on the
     real images is added (Mescheder et al. 2018). `fake` is detached here: D's step never reaches the model.
+    `clip`: `as_seen_by_discriminator`; `fake_out_of_range` is the share of generated pixels beyond the data
+    range, clipped or not.
     """
     opt.zero_grad(set_to_none=True)
+    out_of_range = (fake.detach().abs() > 1).float().mean()
+    fake = as_seen_by_discriminator(fake.detach(), clip)
     if r1_gamma > 0:
         real = real.detach().requires_grad_(True)
     with autocast(real.device, precision):  # augmented apart: the per-sample draws follow the batch's rows
@@ -116,6 +129,7 @@ def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor
         "loss_d": loss.detach(),
         "d_acc_real": (real_logits > 0).float().mean().detach(),
         "d_acc_fake": (fake_logits < 0).float().mean().detach(),
+        "fake_out_of_range": out_of_range,
     }
 
 
@@ -222,7 +236,8 @@ def generator_step(model: nn.Module, disc: nn.Module | None, opt: torch.optim.Op
             stats["sigma_levels"] = terms.sigma_mean * model.levels / 2
     if adversarial:
         with frozen(disc), autocast(x.device, tc.precision):  # gradients reach the decoder and flow, not D
-            loss_quality = losses.quality_loss(disc(augment(fake, tc.augment_policy)))
+            loss_quality = losses.quality_loss(disc(augment(as_seen_by_discriminator(fake, tc.quality_clip),
+                                                            tc.augment_policy)))
         stats["loss_quality"] = loss_quality.detach()
     opt.zero_grad(set_to_none=True)
     if loss_coverage is not None and loss_quality is not None and losses_apart(tc, measure):
@@ -341,7 +356,7 @@ def _sharded_step(run: Run, data: ImageData, quality_weight: float) -> dict:
                 with torch.no_grad(), autocast(run.device, tc.precision):
                     fake = run.model.sample(num_fake)
             stats |= discriminator_step(run.disc, run.opt_d, x_real, fake, tc.augment_policy, tc.r1_gamma,
-                                        tc.precision)
+                                        tc.precision, tc.quality_clip)
             run.guard.watch(step, loss_d=stats["loss_d"])  # every D step; its weights reach L_Q in this step's G step
     return stats | generator_step(run.model, run.disc, run.opt_g, x, tc, quality_weight, measure,
                                   forward=forward)
