@@ -162,6 +162,41 @@ def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digi
     assert second["metrics"] == first["metrics"]  # same seed, same cache: same numbers
 
 
+@pytest.mark.parametrize("shift", [0.0, 3.0])
+def test_the_protocol_records_the_share_of_sample_pixels_beyond_the_data_range(tmp_path, random_classifier, digits,
+                                                                               monkeypatch, shift):
+    """`protocol.generated.out_of_range` is the share of the scored samples' pixels beyond [-1, 1] (clipped in the
+    images), counted by hand from the same draws; above 1% the result says so in a note."""
+    import cqf.evaluate
+    from cqf.train import train
+
+    torch.set_default_dtype(torch.float32)
+    train(tiny_config(steps=2, eval_iw_samples=0), tmp_path / "run", data=digits, progress=False)
+    loaded = []
+
+    def load_shifted(*args, _load=cqf.evaluate.load, **kwargs):  # shift 3: most samples beyond the range
+        result = _load(*args, **kwargs)
+        with torch.no_grad():
+            result.model.decoder.last.bias.add_(shift)
+        loaded.append(result.model)
+        return result
+
+    monkeypatch.setattr(cqf.evaluate, "load", load_shifted)
+    result = evaluate(tmp_path / "run" / "model.safetensors", metrics=("fid",),
+                      features=f"classifier:{random_classifier}", num_samples=200, num_reference=300,
+                      cache_dir=str(tmp_path / "cache"), progress=False)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        x = loaded[0].sample(200)
+    share = result["protocol"]["generated"]["out_of_range"]
+    assert share == pytest.approx((x.abs() > 1).double().mean().item(), abs=1e-12)
+    assert (share > 0.5) == (shift > 0)
+    noted = [n for n in result["notes"] if "beyond the data range" in n]
+    assert noted == ([f"{share:.1%} of the samples' pixels lay beyond the data range [-1, 1] and are clipped in the "
+                      "scored images (a saved sample is too)"] if share > 0.01 else [])
+    assert all(f"note: {note}" in format_table(result) for note in noted)
+
+
 @pytest.fixture()
 def offline(monkeypatch):
     import torch_fidelity.feature_extractor_inceptionv3 as fe

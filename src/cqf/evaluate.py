@@ -19,6 +19,8 @@ from .files import sha256_file
 
 __all__ = ["EvalConfig", "evaluate"]
 
+OUT_OF_RANGE_NOTE = 0.01  # a share of sample pixels beyond the data range above which the result says so
+
 
 def _source_kind(source: Path) -> str:
     if source.suffix in (".pt", ".safetensors"):
@@ -124,8 +126,13 @@ def _sample_quality(result: dict, source: Path, kind: str, loaded: LoadedModel |
         result["error"] = str(err)
         return
     if loaded is not None:
+        sampled = {}
         x_gen = sample_images(loaded.model, cfg.num_samples, seed=cfg.seed, progress=cfg.progress,
-                              noise=cfg.sample_noise)
+                              noise=cfg.sample_noise, stats=sampled)
+        share = result["protocol"]["generated"]["out_of_range"] = sampled["out_of_range"]
+        if share > OUT_OF_RANGE_NOTE:
+            result["notes"].append(f"{share:.1%} of the samples' pixels lay beyond the data range [-1, 1] and are "
+                                   "clipped in the scored images (a saved sample is too)")
     else:
         x_gen = load_image_folder(source, data.image_shape[0]) if kind == "folder" else load_npz_images(source,
                                                                                                        cfg.npz_key)
