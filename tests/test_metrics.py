@@ -162,11 +162,11 @@ def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digi
     assert second["metrics"] == first["metrics"]  # same seed, same cache: same numbers
 
 
-@pytest.mark.parametrize("shift", [0.0, 3.0])
+@pytest.mark.parametrize("shift, threshold", [(0.0, 0.9), (3.0, None)])  # None: the default 5%
 def test_the_protocol_records_the_share_of_sample_pixels_beyond_the_data_range(tmp_path, random_classifier, digits,
-                                                                               monkeypatch, shift):
+                                                                               monkeypatch, shift, threshold):
     """`protocol.generated.out_of_range` is the share of the scored samples' pixels beyond [-1, 1] (clipped in the
-    images), counted by hand from the same draws; above 1% the result says so in a note."""
+    images), counted by hand from the same draws; above 5% the result says so in a note."""
     import cqf.evaluate
     from cqf.train import train
 
@@ -182,6 +182,8 @@ def test_the_protocol_records_the_share_of_sample_pixels_beyond_the_data_range(t
         return result
 
     monkeypatch.setattr(cqf.evaluate, "load", load_shifted)
+    if threshold is not None:
+        monkeypatch.setattr(cqf.evaluate, "OUT_OF_RANGE_NOTE", threshold)
     result = evaluate(tmp_path / "run" / "model.safetensors", metrics=("fid",),
                       features=f"classifier:{random_classifier}", num_samples=200, num_reference=300,
                       cache_dir=str(tmp_path / "cache"), progress=False)
@@ -192,8 +194,9 @@ def test_the_protocol_records_the_share_of_sample_pixels_beyond_the_data_range(t
     assert share == pytest.approx((x.abs() > 1).double().mean().item(), abs=1e-12)
     assert (share > 0.5) == (shift > 0)
     noted = [n for n in result["notes"] if "beyond the data range" in n]
+    assert bool(noted) == (shift > 0)
     assert noted == ([f"{share:.1%} of the samples' pixels lay beyond the data range [-1, 1] and are clipped in the "
-                      "scored images (a saved sample is too)"] if share > 0.01 else [])
+                      "scored images (a saved sample is too)"] if share > cqf.evaluate.OUT_OF_RANGE_NOTE else [])
     assert all(f"note: {note}" in format_table(result) for note in noted)
 
 

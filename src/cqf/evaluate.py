@@ -19,7 +19,7 @@ from .files import sha256_file
 
 __all__ = ["EvalConfig", "evaluate"]
 
-OUT_OF_RANGE_NOTE = 0.01  # a share of sample pixels beyond the data range above which the result says so
+OUT_OF_RANGE_NOTE = 0.05  # a share of sample pixels beyond the data range above which the result says so
 
 
 def _source_kind(source: Path) -> str:
