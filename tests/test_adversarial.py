@@ -583,6 +583,14 @@ def test_quality_clip_shows_d_the_generated_images_as_a_saved_sample_is(clip):
     assert 0.3 < stats["fake_out_of_range"].item() < 0.9
 
 
+def test_fake_out_of_range_counts_values_that_are_not_finite():
+    cfg, _, disc = build("CQ-F")
+    fake = torch.zeros(2, *SHAPE)
+    fake[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), 1.5])
+    stats = discriminator_step(disc, torch.optim.SGD(disc.parameters(), lr=0.0), torch.zeros(2, *SHAPE), fake)
+    assert stats["fake_out_of_range"].item() == pytest.approx(3 / fake.numel())
+
+
 @pytest.mark.parametrize("clip", [False, True])
 def test_quality_clip_keeps_l_q_from_pixels_beyond_the_data_range(clip):
     """L_Q's gradient on a generated pixel beyond [-1, 1] is zero with `train.quality_clip` (D sees it clipped)

@@ -162,11 +162,12 @@ def test_protocol_block_is_complete_and_cached(tmp_path, random_classifier, digi
     assert second["metrics"] == first["metrics"]  # same seed, same cache: same numbers
 
 
-@pytest.mark.parametrize("shift, threshold", [(0.0, 0.9), (3.0, None)])  # None: the default 5%
+@pytest.mark.parametrize("shift", [0.0, 3.0])
 def test_the_protocol_records_the_share_of_sample_pixels_beyond_the_data_range(tmp_path, random_classifier, digits,
-                                                                               monkeypatch, shift, threshold):
-    """`protocol.generated.out_of_range` is the share of the scored samples' pixels beyond [-1, 1] (clipped in the
-    images), counted by hand from the same draws; above 5% the result says so in a note."""
+                                                                               monkeypatch, shift):
+    """`protocol.generated.out_of_range` and `far_out_of_range` are the shares of the scored samples' pixels with
+    |x| > 1 (clipped in the images) and |x| > 2, counted by hand from the same draws; above 1% far beyond, the
+    result says so in a note (a shift of the decoder's output by 3 puts most pixels there; none otherwise)."""
     import cqf.evaluate
     from cqf.train import train
 
@@ -174,7 +175,7 @@ def test_the_protocol_records_the_share_of_sample_pixels_beyond_the_data_range(t
     train(tiny_config(steps=2, eval_iw_samples=0), tmp_path / "run", data=digits, progress=False)
     loaded = []
 
-    def load_shifted(*args, _load=cqf.evaluate.load, **kwargs):  # shift 3: most samples beyond the range
+    def load_shifted(*args, _load=cqf.evaluate.load, **kwargs):
         result = _load(*args, **kwargs)
         with torch.no_grad():
             result.model.decoder.last.bias.add_(shift)
@@ -182,22 +183,36 @@ def test_the_protocol_records_the_share_of_sample_pixels_beyond_the_data_range(t
         return result
 
     monkeypatch.setattr(cqf.evaluate, "load", load_shifted)
-    if threshold is not None:
-        monkeypatch.setattr(cqf.evaluate, "OUT_OF_RANGE_NOTE", threshold)
     result = evaluate(tmp_path / "run" / "model.safetensors", metrics=("fid",),
                       features=f"classifier:{random_classifier}", num_samples=200, num_reference=300,
                       cache_dir=str(tmp_path / "cache"), progress=False)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        x = loaded[0].sample(200)
-    share = result["protocol"]["generated"]["out_of_range"]
-    assert share == pytest.approx((x.abs() > 1).double().mean().item(), abs=1e-12)
-    assert (share > 0.5) == (shift > 0)
+        x = loaded[0].sample(200).double()
+    generated = result["protocol"]["generated"]
+    assert generated["out_of_range"] == pytest.approx((x.abs() > 1).double().mean().item(), abs=1e-12)
+    assert generated["far_out_of_range"] == pytest.approx((x.abs() > 2).double().mean().item(), abs=1e-12)
+    assert generated["out_of_range"] > 0.05  # an untrained model's noise crosses the edge; shift 3 goes far past
+    assert (generated["far_out_of_range"] > 0.5) == (shift > 0)
+    assert (generated["far_out_of_range"] < 0.01) == (shift == 0)
     noted = [n for n in result["notes"] if "beyond the data range" in n]
     assert bool(noted) == (shift > 0)
-    assert noted == ([f"{share:.1%} of the samples' pixels lay beyond the data range [-1, 1] and are clipped in the "
-                      "scored images (a saved sample is too)"] if share > cqf.evaluate.OUT_OF_RANGE_NOTE else [])
     assert all(f"note: {note}" in format_table(result) for note in noted)
+
+
+def test_sample_images_counts_values_that_are_not_finite_as_far_beyond_the_range():
+    from cqf.quality import sample_images
+
+    class Fixed:
+        levels = 256
+
+        def sample(self, num, noise=True):
+            return torch.tensor([0.5, 1.5, -2.5, float("nan"), float("inf"), 0.0]).view(1, 1, 2, 3).repeat(num, 1, 1, 1)
+
+    stats = {}
+    images = sample_images(Fixed(), 4, stats=stats)
+    assert images.shape == (4, 1, 2, 3)
+    assert stats == {"out_of_range": 4 / 6, "far_out_of_range": 3 / 6}
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ from .files import sha256_file
 
 __all__ = ["EvalConfig", "evaluate"]
 
-OUT_OF_RANGE_NOTE = 0.05  # a share of sample pixels beyond the data range above which the result says so
+OUT_OF_RANGE_NOTE = 0.01  # the share of sample pixels far beyond the data range (|x| > 2) the result notes
 
 
 def _source_kind(source: Path) -> str:
@@ -129,10 +129,12 @@ def _sample_quality(result: dict, source: Path, kind: str, loaded: LoadedModel |
         sampled = {}
         x_gen = sample_images(loaded.model, cfg.num_samples, seed=cfg.seed, progress=cfg.progress,
                               noise=cfg.sample_noise, stats=sampled)
-        share = result["protocol"]["generated"]["out_of_range"] = sampled["out_of_range"]
-        if share > OUT_OF_RANGE_NOTE:
-            result["notes"].append(f"{share:.1%} of the samples' pixels lay beyond the data range [-1, 1] and are "
-                                   "clipped in the scored images (a saved sample is too)")
+        result["protocol"]["generated"] |= sampled
+        if sampled["far_out_of_range"] > OUT_OF_RANGE_NOTE:
+            result["notes"].append(
+                f"{sampled['far_out_of_range']:.1%} of the samples' pixels lay far beyond the data range [-1, 1] "
+                f"(|x| > 2; {sampled['out_of_range']:.1%} beyond it) and are clipped in the scored images, as in a "
+                "saved sample: the metrics score saturated images")
     else:
         x_gen = load_image_folder(source, data.image_shape[0]) if kind == "folder" else load_npz_images(source,
                                                                                                        cfg.npz_key)

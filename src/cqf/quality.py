@@ -71,21 +71,22 @@ def default_metrics(image_shape: tuple[int, int, int], features: str, has_model:
 def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int = 0, progress: bool = False,
                   noise: bool = True, stats: dict | None = None) -> Tensor:
     """`num` samples of a model (on the model's device) as uint8 images (N, C, H, W) in 0..255, from a fixed seed;
-    `noise=False`: without the decoder noise, x = f^-1(mu(z)) (the same z). Given `stats`, its "out_of_range" is
-    set to the share of the samples' pixels beyond the data range [-1, 1] (or not finite), which the images
-    hold clipped."""
+    `noise=False`: without the decoder noise, x = f^-1(mu(z)) (the same z). Given `stats`, its "out_of_range" and
+    "far_out_of_range" are set to the shares of the samples' pixels (model space) with |x| > 1, beyond the data
+    range, which the images hold clipped, and with |x| > 2, half the range beyond it (not finite counts as both)."""
     from tqdm.auto import tqdm
 
-    out, beyond = [], 0
+    out, beyond, far = [], 0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, unit="batch"):
             x = model.sample(min(batch_size, num - start), noise=noise).float().cpu()
             beyond += int((~(x.abs() <= 1)).sum())
+            far += int((~(x.abs() <= 2)).sum())
             out.append(levels_to_uint8(to_levels(x, model.levels), model.levels))
     images = torch.cat(out)
     if stats is not None:
-        stats["out_of_range"] = beyond / max(images.numel(), 1)
+        stats |= {"out_of_range": beyond / max(images.numel(), 1), "far_out_of_range": far / max(images.numel(), 1)}
     return images
 
 

@@ -108,7 +108,7 @@ def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor
     range, clipped or not.
     """
     opt.zero_grad(set_to_none=True)
-    out_of_range = (fake.detach().abs() > 1).float().mean()
+    out_of_range = (~(fake.detach().abs() <= 1)).float().mean()  # not finite counts as beyond
     fake = as_seen_by_discriminator(fake.detach(), clip)
     if r1_gamma > 0:
         real = real.detach().requires_grad_(True)
