@@ -298,7 +298,7 @@ def test_classifier_learns_digits(tmp_path, digits):
     from cqf.features import train_classifier
 
     torch.set_default_dtype(torch.float32)
-    info = train_classifier(digits, tmp_path / "c.safetensors", epochs=20, progress=False)
-    assert info["test_accuracy"] > 0.8  # 10 classes: chance is 0.1
+    info = train_classifier(digits, tmp_path / "c.safetensors", progress=False)  # the default epochs
+    assert info["test_accuracy"] > 0.9  # 10 classes: chance is 0.1
     extractor = ClassifierExtractor("cqf-classifier", ["features"], str(tmp_path / "c.safetensors"))
     assert extractor.info["test_accuracy"] == info["test_accuracy"]

@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     classifier.add_argument("action", choices=["train"])
     classifier.add_argument("data", help="data set name (digits, mnist, cifar10, npz:PATH)")
     classifier.add_argument("--out", type=Path, default=None, help="weights file [classifiers/DATA.safetensors]")
-    classifier.add_argument("--epochs", type=int, default=5)
+    classifier.add_argument("--epochs", type=int, default=None,
+                            help="passes over the training split [5, more for a small set: at least 1,000 steps]")
     classifier.add_argument("--device", default="cpu")
 
     report = commands.add_parser("report", help="one Markdown table and a BPD-vs-FID plot over several runs")

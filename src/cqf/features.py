@@ -12,6 +12,7 @@ Every extractor takes uint8 images (B, C, H, W) in 0..255 and returns a tuple of
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,11 +175,21 @@ def extract(
     return {name: torch.cat(values) for name, values in out.items()}
 
 
+CLASSIFIER_MIN_STEPS = 1000  # the default number of epochs gives at least this many steps (and 5 epochs)
+
+
+def classifier_epochs(num_train: int, batch_size: int) -> int:
+    """The default epochs of `train_classifier`: 5, or more where an epoch is short (the digits' 9 steps),
+    so that training makes at least CLASSIFIER_MIN_STEPS steps."""
+    return max(5, math.ceil(CLASSIFIER_MIN_STEPS / max(num_train // batch_size, 1)))
+
+
 def train_classifier(
-    data, out: str | Path, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3, width: int = 32,
+    data, out: str | Path, epochs: int | None = None, batch_size: int = 128, lr: float = 1e-3, width: int = 32,
     device: str = "cpu", seed: int = 0, progress: bool = True,
 ) -> dict:
-    """Train the domain classifier on the labelled training split; save it with its test accuracy.
+    """Train the domain classifier on the labelled training split; save it with its test accuracy. `epochs`
+    None: `classifier_epochs`.
 
     Images enter as uint8 0..255 (the evaluation pipeline's format), so digits' 17 levels are rescaled. Images
     labelled -1 (STL-10's unlabelled split) are left out.
@@ -194,6 +205,8 @@ def train_classifier(
     net = Classifier(data.image_shape, num_classes, width).float().to(device)  # float32 whatever the default
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     x_train = levels_to_uint8(data.x_train[labelled], data.levels)
+    if epochs is None:
+        epochs = classifier_epochs(len(x_train), batch_size)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * (len(x_train) // batch_size)
     bar = tqdm(total=steps, desc="classifier", disable=not progress)
