@@ -31,6 +31,7 @@ __all__ = [
     "ImageData",
     "as_nchw",
     "batch_indices",
+    "beyond_range",
     "content_hash",
     "default_root",
     "dequantize",
@@ -81,6 +82,12 @@ def dequantize(x_int: Tensor, levels: int, generator: torch.Generator | None = N
 def to_unit(x: Tensor, levels: int) -> Tensor:
     """Model-space images -> [0, 1] for display: quantize to the nearest level, then scale by levels - 1."""
     return to_levels(x, levels) / (levels - 1)
+
+
+def beyond_range(x: Tensor, bound: float = 1.0) -> Tensor:
+    """Which model-space pixels lie beyond [-bound, bound] (the data range at bound 1, which `to_levels` clips
+    to), counting values that are not finite as beyond."""
+    return ~(x.abs() <= bound)
 
 
 def to_levels(x: Tensor, levels: int) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import EVAL_METRICS
-from .data import ImageData, levels_to_uint8, to_levels
+from .data import ImageData, beyond_range, levels_to_uint8, to_levels
 from .errors import CQFError
 from .images import save_grid
 from .models import ImageModel
@@ -81,8 +81,8 @@ def sample_images(model: ImageModel, num: int, batch_size: int = 250, seed: int 
         torch.manual_seed(seed)
         for start in tqdm(range(0, num, batch_size), desc="sampling", disable=not progress, unit="batch"):
             x = model.sample(min(batch_size, num - start), noise=noise).float().cpu()
-            beyond += int((~(x.abs() <= 1)).sum())
-            far += int((~(x.abs() <= 2)).sum())
+            beyond += int(beyond_range(x).sum())
+            far += int(beyond_range(x, 2.0).sum())
             out.append(levels_to_uint8(to_levels(x, model.levels), model.levels))
     images = torch.cat(out)
     if stats is not None:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from . import distributed, losses
 from .augment import augment
 from .config import TrainConfig
-from .data import ImageData, batch_indices, dequantize
+from .data import ImageData, batch_indices, beyond_range, dequantize
 from .models import ElboTerms
 from .run import Run
 from .schedule import ema_beta, quality_weight_at
@@ -108,12 +108,13 @@ def discriminator_step(disc: nn.Module, opt: torch.optim.Optimizer, real: Tensor
     range, clipped or not.
     """
     opt.zero_grad(set_to_none=True)
-    out_of_range = (~(fake.detach().abs() <= 1)).float().mean()  # not finite counts as beyond
-    fake = as_seen_by_discriminator(fake.detach(), clip)
+    fake = fake.detach()
+    out_of_range = beyond_range(fake).float().mean()
+    fake = as_seen_by_discriminator(fake, clip)
     if r1_gamma > 0:
         real = real.detach().requires_grad_(True)
     with autocast(real.device, precision):  # augmented apart: the per-sample draws follow the batch's rows
-        logits = disc(torch.cat([augment(real, augment_policy), augment(fake.detach(), augment_policy)]))
+        logits = disc(torch.cat([augment(real, augment_policy), augment(fake, augment_policy)]))
     real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
     loss = losses.discriminator_bce(real_logits, fake_logits)
     stats = {}
