@@ -156,7 +156,8 @@ class FlowDensity(nn.Module):
         return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
 
 
-def glow_bits_per_dim(model: FlowDensity, x_int: Tensor, levels: int, max_images: int = 0) -> dict:
+def glow_bits_per_dim(model: FlowDensity, x_int: Tensor, levels: int, max_images: int = 0,
+                      device: torch.device | str = "cpu") -> dict:
     """Exact test bits/dim of a flow, through `cqf.likelihood.bits_per_dim` (what `cqf eval` runs): seed 0 for
     the dequantization noise, batches of 250, `cqf.losses.bits_per_dim`.
 
@@ -169,17 +170,17 @@ def glow_bits_per_dim(model: FlowDensity, x_int: Tensor, levels: int, max_images
 
     if max_images > 0:
         x_int = x_int[:max_images]
-    result = bits_per_dim(model, x_int, levels, num_importance=0)
+    result = bits_per_dim(model, x_int, levels, num_importance=0, device=device)
     return {"bpd": result["bpd_elbo"], "num_images": result["num_images"],
             "dequantization_seed": result["dequantization_seed"],
             "estimator": "exact: the flow's ln p(x) in cqf's model space, scored by cqf.likelihood.bits_per_dim"}
 
 
 def train_glow(model: FlowDensity, data: ImageData, minutes: float, batch_size: int, lr: float, seed: int,
-               clock=time.monotonic) -> dict:
+               clock=time.monotonic, device: torch.device | str = "cpu") -> dict:
     """Maximum likelihood for `minutes` of `clock` (wall clock, or `time.process_time`; at least one step): the
-    example's Adamax, fresh uniform dequantization every batch, cqf's step-indexed batches. A non-finite batch
-    loss skips the update, as in normflows' example; such steps are counted."""
+    example's Adamax, fresh uniform dequantization every batch, cqf's step-indexed batches moved to `device` (the
+    model's). A non-finite batch loss skips the update, as in normflows' example; such steps are counted."""
     opt = torch.optim.Adamax(model.parameters(), lr=lr, weight_decay=1e-5)
     model.train()
     step = skipped = 0
@@ -187,7 +188,7 @@ def train_glow(model: FlowDensity, data: ImageData, minutes: float, batch_size: 
     start, last_log = clock(), time.monotonic()
     while step == 0 or clock() - start < minutes * 60:
         x = dequantize(data.x_train[batch_indices(step, len(data.x_train), batch_size, seed)], data.levels)
-        log_p = model.log_prob(x)  # (B,) nats; the first call also runs ActNorm's data-dependent init
+        log_p = model.log_prob(x.to(device))  # (B,) nats; the first call also runs ActNorm's data-dependent init
         loss = -log_p.mean()  # nats per image
         if torch.isfinite(loss):
             opt.zero_grad(set_to_none=True)
@@ -220,23 +221,24 @@ class GeneratorSampler(nn.Module):
     @torch.no_grad()
     def sample(self, num_samples: int, noise: bool = True, z: Tensor | None = None) -> Tensor:
         self.generator.eval()
-        z = torch.randn(num_samples, self.latent_dim) if z is None else z
+        device = next(self.generator.parameters()).device
+        z = torch.randn(num_samples, self.latent_dim, device=device) if z is None else z
         return self.generator(z)
 
 
 def train_dcgan(generator: dcgan.Generator, discriminator: dcgan.Discriminator, data: ImageData, minutes: float,
-                batch_size: int, seed: int, clock=time.monotonic) -> dict:
+                batch_size: int, seed: int, clock=time.monotonic, device: torch.device | str = "cpu") -> dict:
     """One D step and one G step per step for `minutes` of `clock` (wall clock, or `time.process_time`; at least
-    one step): Adam (2e-4, 0.5),
-    D's BCE and G's non-saturating loss. Real images are dequantized to model space as every cqf model sees
-    them; a non-finite loss stops the run."""
+    one step): Adam (2e-4, 0.5), D's BCE and G's non-saturating loss, on `device` (the networks'). Real images are
+    dequantized to model space as every cqf model sees them; a non-finite loss stops the run."""
     opt_g, opt_d = dcgan.adam(generator.parameters()), dcgan.adam(discriminator.parameters())
     generator.train(), discriminator.train()
     step = 0
     start, last_log = clock(), time.monotonic()
     while step == 0 or clock() - start < minutes * 60:
         real = dequantize(data.x_train[batch_indices(step, len(data.x_train), batch_size, seed)], data.levels)
-        fake = generator(torch.randn(len(real), generator.latent_dim))
+        real = real.to(device)
+        fake = generator(torch.randn(len(real), generator.latent_dim, device=device))
         # Real and generated images go through D in separate batches, so each BatchNorm batch is of one kind.
         loss_d = discriminator_bce(discriminator(real), discriminator(fake.detach()))
         opt_d.zero_grad(set_to_none=True)
@@ -310,35 +312,37 @@ def run_peer(name: str, data: ImageData, args) -> dict:
     entry: dict = {"peer": name, "data": args.data, "config": args.config, "image_shape": list(data.image_shape),
                    "levels": data.levels, "train_images": len(data.x_train), "val_size": args.val_size,
                    "minutes": args.minutes, "clock": args.clock, "batch_size": args.batch_size,
-                   "threads": torch.get_num_threads(),
+                   "threads": torch.get_num_threads(), "device": str(args.device),
                    "seed": args.seed, "torch": torch.__version__}
     if name == "glow":
         import normflows
 
         flow = build_glow(data.image_shape, args.glow_levels, args.glow_steps, args.glow_hidden)
-        model = FlowDensity(flow, data.image_shape, data.levels)
+        model = FlowDensity(flow, data.image_shape, data.levels).to(args.device)
         entry |= {"library": f"normflows {getattr(normflows, '__version__', '?')}",
                   "architecture": f"Glow (normflows MultiscaleFlow): L={args.glow_levels} levels, "
                                   f"K={args.glow_steps} GlowBlocks per level, hidden {args.glow_hidden}, split "
                                   "'channel', sigmoid scale, LU 1x1 conv, ActNorm; unconditional DiagGaussian bases",
                   "optimizer": f"Adamax lr {args.glow_lr:g}, weight decay 1e-5",
                   "parameters": sum(p.numel() for p in model.parameters())}
-        entry |= train_glow(model, data, args.minutes, args.batch_size, args.glow_lr, args.seed, clock)
+        entry |= train_glow(model, data, args.minutes, args.batch_size, args.glow_lr, args.seed, clock, args.device)
         model.eval()
         x_test, _ = data.split("test")
-        entry["test_bits_per_dim"] = glow_bits_per_dim(model, x_test, data.levels, args.max_test_images) | {
+        entry["test_bits_per_dim"] = glow_bits_per_dim(model, x_test, data.levels, args.max_test_images,
+                                                   args.device) | {
             "split": "test", "levels": data.levels}
         sampler, temperature = model, 1.0
     else:
-        generator = dcgan.Generator(data.image_shape, width=args.dcgan_width)
-        discriminator = dcgan.Discriminator(data.image_shape, width=args.dcgan_width)
+        generator = dcgan.Generator(data.image_shape, width=args.dcgan_width).to(args.device)
+        discriminator = dcgan.Discriminator(data.image_shape, width=args.dcgan_width).to(args.device)
         entry |= {"library": "benchmarks/dcgan.py",
                   "architecture": f"DCGAN (Radford et al. 2016): latent {generator.latent_dim}, width "
                                   f"{args.dcgan_width}, BatchNorm, ReLU/LeakyReLU(0.2), tanh",
                   "optimizer": "Adam lr 2e-4, betas (0.5, 0.999), non-saturating loss",
                   "parameters": {"generator": sum(p.numel() for p in generator.parameters()),
                                  "discriminator": sum(p.numel() for p in discriminator.parameters())}}
-        entry |= train_dcgan(generator, discriminator, data, args.minutes, args.batch_size, args.seed, clock)
+        entry |= train_dcgan(generator, discriminator, data, args.minutes, args.batch_size, args.seed, clock,
+                             args.device)
         entry["test_bits_per_dim"] = None  # no density
         sampler, temperature = GeneratorSampler(generator, data.levels), None
     started = time.monotonic()
@@ -405,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inception-weights", default="", help="TF-Inception weights for cqf eval "
                         "[$CQF_INCEPTION_WEIGHTS]")
     parser.add_argument("--eval", action="store_true", help="score the samples in-process (cqf.evaluate)")
+    parser.add_argument("--device", default="cpu", help="where the peers train, score bits/dim and sample: cpu, "
+                        "cuda or cuda:N [cpu]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -415,6 +421,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--minutes, --num-samples and --batch-size must be positive")
     if args.config is None and args.data is None:
         parser.error("name the data: --data NAME, or --config CONFIG of the cqf runs compared with")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device on this machine; use --device cpu")
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: the peers run on cpu or cuda only")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -2,6 +2,7 @@
 own log_prob, the DCGAN's shapes, and the sample files `cqf eval` reads. The Glow tests need normflows (the
 `peers` extra) and are skipped without it."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -147,3 +148,61 @@ def test_figure_shows_real_images_their_reconstructions_and_samples(digits, tmp_
     assert torch.equal(panel[:, 1:9, 1:9], real[0])
     assert torch.equal(panel[:, 1:9, tile + 3 + 1: tile + 3 + 9], recon[0])
     assert torch.equal(panel[:, 10:18, 2 * (tile + 3) + 10: 2 * (tile + 3) + 18], samples[3])
+
+
+@pytest.mark.parametrize("device, problem", [("cuda", "no CUDA device"), ("tpu", "is not a device")])
+def test_a_device_that_is_not_here_is_refused_before_training(device, problem, capsys, tmp_path):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(SystemExit) as exit_info:
+        peers.main(["--data", "digits", "--minutes", "1", "--peers", "dcgan", "--device", device,
+                    "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and problem in err and "cpu" in err
+    assert not (tmp_path / "peers.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_both_peers_train_score_and_sample_on_the_gpu(digits, tmp_path):
+    """`--device cuda`: the networks live on the GPU, Glow's bits/dim on the GPU equals the CPU's on the same
+    weights, and the samples come back as the CPU's uint8 images."""
+    from cqf.quality import sample_images
+
+    cuda = torch.device("cuda")
+    generator = dcgan.Generator(digits.image_shape).to(cuda)
+    discriminator = dcgan.Discriminator(digits.image_shape).to(cuda)
+    assert peers.train_dcgan(generator, discriminator, digits, 0, 16, 0, device=cuda)["steps"] == 1
+    images = sample_images(peers.GeneratorSampler(generator, digits.levels), 10)
+    assert images.device.type == "cpu" and images.dtype == torch.uint8 and images.shape == (10, *digits.image_shape)
+    model = _glow(digits.image_shape, digits.levels, num_steps=1).to(cuda)
+    assert peers.train_glow(model, digits, 0, 16, 1e-3, 0, device=cuda)["skipped_steps"] == 0
+    model.eval()
+    on_gpu = peers.glow_bits_per_dim(model, digits.x_test, digits.levels, device=cuda)["bpd"]
+    on_cpu = peers.glow_bits_per_dim(model.cpu(), digits.x_test, digits.levels)["bpd"]
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-4)
+
+
+def test_device_table_reads_the_peers_of_a_call(digits, tmp_path):
+    """benchmarks/device_table.py --peers: a row per peer from the folder peers.py wrote, with Glow's exact
+    bits/dim, none for the DCGAN, and the sample file that peers.py saved."""
+    pytest.importorskip("normflows")
+    import device_table
+
+    out = tmp_path / "peers-s3"
+    peers.main(["--data", "digits", "--minutes", "0.001", "--glow-steps", "1", "--glow-hidden", "8",
+                "--num-samples", "8", "--max-test-images", "20", "--seed", "3", "--device", "cpu",
+                "--out", str(out)])
+    written = {e["peer"]: e for e in json.loads((out / "peers.json").read_text())}
+    assert {e["device"] for e in written.values()} == {"cpu"}
+    images = {peer: load_npz_images(Path(e["samples"]["path"])) for peer, e in written.items()}
+    (tmp_path / "files_at").mkdir()
+    back = out.rename(tmp_path / "files_at" / "peers-s3")  # as the files of a device call come back
+    rows = {label: (run, samples) for label, run, samples in device_table.peer_runs(back)}
+    assert set(rows) == {"Glow (peer)", "DCGAN (peer)"}
+    glow, dcgan_run = rows["Glow (peer)"][0], rows["DCGAN (peer)"][0]
+    assert glow["bpd"]["bpd_elbo"] == written["glow"]["test_bits_per_dim"]["bpd"]
+    assert dcgan_run["bpd"]["bpd_elbo"] is None
+    assert glow["seed"] == dcgan_run["seed"] == 3 and glow["steps"] == written["glow"]["steps"]
+    for label, peer in (("Glow (peer)", "glow"), ("DCGAN (peer)", "dcgan")):
+        samples = rows[label][1]
+        assert samples == back / f"{peer}-samples.npz" and torch.equal(load_npz_images(samples), images[peer])
