@@ -140,6 +140,10 @@ def run(args) -> None:
         if arrays:
             np.savez_compressed(args.out / f"samples-{group}.npz", **arrays)
     print(json.dumps(summary, indent=1))
+    failed = [name for name, code in summary.get("exit_codes", {}).items() if code != 0]
+    if failed:  # what did finish is saved above; the caller still learns that the call was not whole
+        sys.exit(f"device_cifar10.py: {len(failed)} of {len(jobs)} runs failed ({', '.join(failed)}): their logs "
+                 "are in summary.json's failed_logs")
 
 
 def main() -> None:

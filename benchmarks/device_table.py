@@ -36,7 +36,7 @@ def evaluate(samples: Path, key: str, out: Path, args) -> dict:
     if not out.exists():
         command = [sys.executable, "-m", "cqf", "eval", str(samples), "--npz-key", key, "--data", args.data,
                    "--num-samples", str(args.num_samples), "--num-reference", str(args.num_reference),
-                   "--metrics", "fid,kid,pr,dc", "--json", str(out), "--cache-dir", str(args.out / "feature-cache")]
+                   "--metrics", args.metrics, "--json", str(out), "--cache-dir", str(args.out / "feature-cache")]
         if args.inception_weights:
             command += ["--inception-weights", args.inception_weights]
         print("$", " ".join(command), flush=True)
@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--num-samples", type=int, default=2048)
     parser.add_argument("--num-reference", type=int, default=5000)
+    parser.add_argument("--metrics", default="fid,kid,pr,dc", help="cqf eval --metrics [fid,kid,pr,dc]; a rehearsal "
+                        "with fewer than 2,049 samples per set: kid,pr,dc (no FID, no plot)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -99,10 +101,13 @@ def main() -> None:
                                ("images_per_s", run["images_per_s"])]:
                 row[column].append(value)
             row["approximate"] = bool(bpd.get("approximate"))
-            points.append((f"{label} {key}", bpd["bpd_elbo"], m["fid"], row["approximate"]))
+            if "fid" in m:
+                points.append((f"{label} {key}", bpd["bpd_elbo"], m["fid"], row["approximate"]))
             if label not in first_samples:
                 first_samples[label] = torch.from_numpy(np.load(samples)[key]).permute(0, 3, 1, 2)
     for folder in args.peers:
+        if not (folder / "peers.json").is_file():
+            parser.error(f"--peers {folder}: not a folder written by peers.py (it has no peers.json)")
         for label, run, samples in peer_runs(folder):
             key = "samples"
             e = evaluate(samples, key, args.out / f"eval-{folder.name}-{samples.stem}.json", args)
@@ -115,7 +120,7 @@ def main() -> None:
                                   ("steps", run["steps"]), ("images_per_s", run["images_per_s"])]:
                 row[column].append(value)
             row["approximate"] = False
-            if bpd is not None:
+            if bpd is not None and "fid" in m:
                 points.append((f"{label} s{run['seed']}", bpd, m["fid"], False))
             if label not in first_samples:
                 first_samples[label] = torch.from_numpy(np.load(samples)[key]).permute(0, 3, 1, 2)
@@ -134,7 +139,8 @@ def main() -> None:
                    "Peers: Glow's bits/dim exact (no IWAE), the DCGAN has none.")]
     table = "\n".join(lines)
     (args.out / "table.md").write_text(table + "\n")
-    bpd_fid_plot(args.out / "bpd_fid.png", points)
+    if points:
+        bpd_fid_plot(args.out / "bpd_fid.png", points)
     image_panel(args.out / "samples.png", first_samples)
     print(table)
 

@@ -1,7 +1,8 @@
 """cqf's competitors measured in the same run instead of quoted: Glow (the `normflows` package) and a standard
-DCGAN (`benchmarks/dcgan.py`), each trained alone on the machine for the same wall-clock minutes on the same
+DCGAN (`benchmarks/dcgan.py`), each trained for the same minutes (wall clock or CPU time, `--clock`) on the same
 images as `cqf train` (`cqf.data.load_dataset`: its training split minus the same held-out validation slice,
-`data.val_size` of the cqf config named by `--config`: 1,000 images for the bundled CIFAR-10 and MNIST configs).
+`data.val_size` of the cqf config named by `--config`: 1,000 images for the bundled CIFAR-10 and MNIST configs),
+on the CPU or a GPU (`--device`; `benchmarks/device_natural.sh` runs them beside cqf on a lent one).
 
 Glow is normflows' CIFAR-10 example ("glow" notebook): a multi-scale `MultiscaleFlow` of L levels, K GlowBlocks
 per level (affine coupling with split mode 'channel' and sigmoid scale, invertible 1x1 convolution with LU,
@@ -183,12 +184,13 @@ def train_glow(model: FlowDensity, data: ImageData, minutes: float, batch_size: 
     model's). A non-finite batch loss skips the update, as in normflows' example; such steps are counted."""
     opt = torch.optim.Adamax(model.parameters(), lr=lr, weight_decay=1e-5)
     model.train()
+    x_train = data.x_train.to(device)  # once: a step then copies nothing from the host
     step = skipped = 0
     last_bpd = float("nan")
     start, last_log = clock(), time.monotonic()
     while step == 0 or clock() - start < minutes * 60:
-        x = dequantize(data.x_train[batch_indices(step, len(data.x_train), batch_size, seed)], data.levels)
-        log_p = model.log_prob(x.to(device))  # (B,) nats; the first call also runs ActNorm's data-dependent init
+        x = dequantize(x_train[batch_indices(step, len(x_train), batch_size, seed).to(device)], data.levels)
+        log_p = model.log_prob(x)  # (B,) nats; the first call also runs ActNorm's data-dependent init
         loss = -log_p.mean()  # nats per image
         if torch.isfinite(loss):
             opt.zero_grad(set_to_none=True)
@@ -233,11 +235,11 @@ def train_dcgan(generator: dcgan.Generator, discriminator: dcgan.Discriminator, 
     dequantized to model space as every cqf model sees them; a non-finite loss stops the run."""
     opt_g, opt_d = dcgan.adam(generator.parameters()), dcgan.adam(discriminator.parameters())
     generator.train(), discriminator.train()
+    x_train = data.x_train.to(device)  # once: a step then copies nothing from the host
     step = 0
     start, last_log = clock(), time.monotonic()
     while step == 0 or clock() - start < minutes * 60:
-        real = dequantize(data.x_train[batch_indices(step, len(data.x_train), batch_size, seed)], data.levels)
-        real = real.to(device)
+        real = dequantize(x_train[batch_indices(step, len(x_train), batch_size, seed).to(device)], data.levels)
         fake = generator(torch.randn(len(real), generator.latent_dim, device=device))
         # Real and generated images go through D in separate batches, so each BatchNorm batch is of one kind.
         loss_d = discriminator_bce(discriminator(real), discriminator(fake.detach()))
@@ -359,6 +361,22 @@ def run_peer(name: str, data: ImageData, args) -> dict:
     return entry
 
 
+def parse_device(name: str) -> torch.device | str:
+    """`--device` as a torch device that exists here, or the one-line reason it cannot be used."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device: use --device cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {name}: the peers run on cpu or cuda only; use --device cpu or cuda"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: torch sees no CUDA device on this machine; use --device cpu"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return (f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                f"cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def markdown_table(entries: list[dict], baseline: float) -> str:
     metric_keys = [("fid", "FID"), ("precision", "precision"), ("recall", "recall"), ("density", "density"),
                    ("coverage", "coverage")]
@@ -421,14 +439,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--minutes, --num-samples and --batch-size must be positive")
     if args.config is None and args.data is None:
         parser.error("name the data: --data NAME, or --config CONFIG of the cqf runs compared with")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device on this machine; use --device cpu")
-    if args.device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device}: the peers run on cpu or cuda only")
+    device = parse_device(args.device)
+    if isinstance(device, str):
+        parser.exit(2, f"peers.py: error: {device}\n")
+    args.device = device
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -461,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = [(f"{data.name}: {len(data.x_train):,} training images (validation slice of {args.val_size} held "
               f"out), {data.image_shape}, {data.levels} levels; each peer trained for {args.minutes:g} minutes of "
               f"{'CPU time' if args.clock == 'process' else 'wall clock'}, "
-              f"batch {args.batch_size}, {torch.get_num_threads()} thread(s), seed {args.seed}."),
+              f"batch {args.batch_size}, {torch.get_num_threads()} thread(s), seed {args.seed}, on {args.device}."),
              ("Glow's bits/dim are exact, on the test split, with cqf eval's dequantization (seed 0) and formula; "
               "its samples are at temperature 1.0. The DCGAN has no density."),
              "Score the samples with:", *[f"    {e['eval_command']}" for e in entries]]
