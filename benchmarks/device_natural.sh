@@ -8,8 +8,9 @@
 # translation + colour; VAE-F as bundled; the peers as benchmarks/peers.py builds them (normflows travels as a
 # wheel: the device image has none).
 #
-# Prepare on this machine (.devdata is git-ignored: name it in the device call's carry; ~57 MiB):
-#   python benchmarks/device_cifar10.py --pack ../shared/data/cifar10.npz --train 24000 --test 2000 --to .devdata/c10.xz
+# Prepare on this machine (.devdata is git-ignored: name it in the device call's carry; with the working tree it must
+# stay under the call's 64 MiB: 22,000 training images pack to 53.8 MiB (59.8 with the tree), 24,000 to 58.2, too many beside the tree):
+#   python benchmarks/device_cifar10.py --pack ../shared/data/cifar10.npz --train 22000 --test 2000 --to .devdata/c10.xz
 #   pip wheel --no-deps -w .devdata/whl normflows==1.7.3
 # Run there:   OUT=$OUT MINUTES=6 bash benchmarks/device_natural.sh      (about 8 minutes; timeout_s 600)
 # Score here:  mkdir -p runs/natural-gpu/raw && cat FILES_AT/natural.tar.xz.* | xz -d | tar -x -C runs/natural-gpu/raw
