@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# CQ-F on natural images on one lent GPU, in one call: VAE-F and CQ-F beside Glow and the DCGAN, seeds 0 and 1,
-# all eight runs at once sharing the card for MINUTES of wall clock each (equal budgets), on the same CIFAR-10
+# CQ-F on natural images on one lent GPU, in one call: VAE-F, CQ-F, VAE and CQ beside Glow and the DCGAN, seeds 0
+# and 1, all twelve runs at once sharing the card for MINUTES of wall clock each (equal budgets), on the same CIFAR-10
 # subset. Test bits/dim (the ELBO, as the CPU tables; Glow's exact) and 2,048 samples per run come back under
 # $OUT as a split .tar.xz (the device call returns at most 8 files of 16 MiB), to be scored here with Inception.
 #
-# CQ-F is the CPU tables' cheaper-D recipe (docs/results.md): D 64 x 4, L_Q on 16 samples every step, DiffAugment
-# translation + colour; VAE-F as bundled; the peers as benchmarks/peers.py builds them (normflows travels as a
+# CQ-F and CQ use the CPU tables' cheaper-D recipe (docs/results.md): D 64 x 4, L_Q on 16 samples every step,
+# DiffAugment translation + colour; VAE-F and VAE as bundled; the peers as benchmarks/peers.py builds them (normflows travels as a
 # wheel: the device image has none).
 #
 # Prepare on this machine (.devdata is git-ignored: name it in the device call's carry; with the working tree it must
@@ -46,6 +46,7 @@ pids=()
 timeout "$LIMIT" ${PYTHON} benchmarks/device_cifar10.py --data "$DATA" --minutes "$MINUTES" --parallel \
   --iw-samples 0 --num-samples "$SAMPLES" --set train.num_threads=1 --out "$WORK/c10" \
   --job "vae-f:vae-f:0" --job "cq-f-d64:cq-f:0:$D" --job "vae-f:vae-f:1" --job "cq-f-d64:cq-f:1:$D" \
+  --job "vae:vae:0" --job "cq-d64:cq:0:$D" --job "vae:vae:1" --job "cq-d64:cq:1:$D" \
   > "$WORK/logs/c10.txt" 2>&1 &
 pids+=($!)
 for seed in 0 1; do
@@ -58,7 +59,7 @@ for seed in 0 1; do
 done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
-echo "8 runs of $MINUTES minutes on $DEVICE in 5 processes: $(( $(date +%s) - start )) s; $failed process(es) failed" \
+echo "12 runs of $MINUTES minutes on $DEVICE in 5 processes: $(( $(date +%s) - start )) s; $failed process(es) failed" \
   "(logs/; the cqf runs' exit codes in c10/summary.json)" | tee "$WORK/phases.txt"
 rm -f "$NPZ"
 tar -C "$WORK" --exclude=site -cf - . | xz -T0 -3 | split -b 15m -d - "$OUT/natural.tar.xz."
