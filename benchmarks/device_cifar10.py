@@ -1,4 +1,4 @@
-"""CIFAR-10 Table 1 on one GPU: the five variants at the bundled paper-size configs, equal wall-clock budgets.
+"""CIFAR-10 Table 1 on one GPU: the five variants at the bundled configs, equal wall-clock budgets.
 
 Made for a short lease of a GPU machine with no network: the data arrive as an LZMA-compressed subset (made by
 `--pack`), every run trains for `--minutes`, then bits/dim (test ELBO and IWAE-K; GAN: the approximate bound)

@@ -4,12 +4,13 @@
 # subset. Test bits/dim (the ELBO, as the CPU tables; Glow's exact) and 2,048 samples per run come back under
 # $OUT as a split .tar.xz (the device call returns at most 8 files of 16 MiB), to be scored here with Inception.
 #
-# CQ-F and CQ use the CPU tables' cheaper-D recipe (docs/results.md): D 64 x 4, L_Q on 16 samples every step,
-# DiffAugment translation + colour; VAE-F and VAE as bundled; the peers as benchmarks/peers.py builds them (normflows travels as a
+# CQ-F uses the CPU tables' cheaper-D recipe (docs/results.md): D 64 x 4, L_Q on 16 samples every step,
+# DiffAugment translation + colour; CQ is bundled with it (the job repeats it); VAE-F and VAE as bundled; the peers as benchmarks/peers.py builds them (normflows travels as a
 # wheel: the device image has none).
 #
 # Prepare on this machine (.devdata is git-ignored: name it in the device call's carry; with the working tree it must
-# stay under the call's 64 MiB: 22,000 training images pack to 53.8 MiB (59.8 with the tree), 24,000 to 58.2, too many beside the tree):
+# stay under the call's 64 MiB: 22,000 training images pack to 53.8 MiB (59.8 with the tree), 24,000 to 58.2,
+# too many beside the tree):
 #   python benchmarks/device_cifar10.py --pack ../shared/data/cifar10.npz --train 22000 --test 2000 --to .devdata/c10.xz
 #   pip wheel --no-deps -w .devdata/whl normflows==1.7.3
 # Run there:   OUT=$OUT MINUTES=6 bash benchmarks/device_natural.sh      (about 8 minutes; timeout_s 600)
