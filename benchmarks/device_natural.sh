@@ -5,8 +5,8 @@
 # $OUT as a split .tar.xz (the device call returns at most 8 files of 16 MiB), to be scored here with Inception.
 #
 # CQ-F uses the CPU tables' cheaper-D recipe (docs/results.md): D 64 x 4, L_Q on 16 samples every step,
-# DiffAugment translation + colour; CQ is bundled with it (the job repeats it); VAE-F and VAE as bundled; the peers as benchmarks/peers.py builds them (normflows travels as a
-# wheel: the device image has none).
+# DiffAugment translation + colour; `cifar10-cq` bundles that recipe, so VAE-F, VAE and CQ run as bundled; the
+# peers as benchmarks/peers.py builds them (normflows travels as a wheel: the device image has none).
 #
 # Prepare on this machine (.devdata is git-ignored: name it in the device call's carry; with the working tree it must
 # stay under the call's 64 MiB: 22,000 training images pack to 53.8 MiB (59.8 with the tree), 24,000 to 58.2,
@@ -47,7 +47,7 @@ pids=()
 timeout "$LIMIT" ${PYTHON} benchmarks/device_cifar10.py --data "$DATA" --minutes "$MINUTES" --parallel \
   --iw-samples 0 --num-samples "$SAMPLES" --set train.num_threads=1 --out "$WORK/c10" \
   --job "vae-f:vae-f:0" --job "cq-f-d64:cq-f:0:$D" --job "vae-f:vae-f:1" --job "cq-f-d64:cq-f:1:$D" \
-  --job "vae:vae:0" --job "cq-d64:cq:0:$D" --job "vae:vae:1" --job "cq-d64:cq:1:$D" \
+  --job "vae:vae:0" --job "cq:cq:0" --job "vae:vae:1" --job "cq:cq:1" \
   > "$WORK/logs/c10.txt" 2>&1 &
 pids+=($!)
 for seed in 0 1; do
